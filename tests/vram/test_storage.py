@@ -46,9 +46,11 @@ def test_matching_dtypes_are_bitwise_equal(tiny_net, tiny_file, storage, dtype, 
 def test_disk_storage_builds_from_meta(tiny_net, tiny_file):
     with torch.device("meta"):
         managed = TinyNet()
-    enable_vram_management(managed, VRAMConfig(storage="disk", computation_device="cpu",
-                                               computation_dtype=torch.float32, vram_limit=0),
-                           weights=SafetensorsSource(tiny_file))
+    enable_vram_management(
+        managed,
+        VRAMConfig(storage="disk", computation_device="cpu", computation_dtype=torch.float32, vram_limit=0),
+        weights=SafetensorsSource(tiny_file),
+    )
     assert torch.equal(managed(*tiny_inputs()), tiny_net(*tiny_inputs()))
 
 
@@ -57,8 +59,13 @@ def test_disk_storage_builds_from_meta(tiny_net, tiny_file):
 def test_fp8_storage_within_bound(tiny_net, tiny_file, storage, fp8, bound):
     expected = tiny_net(*tiny_inputs())
     managed = clone_of(tiny_net)
-    config = VRAMConfig(storage=storage, storage_dtype=fp8, computation_device="cpu",
-                        computation_dtype=torch.float32, vram_limit=None if storage == "device" else 1.0)
+    config = VRAMConfig(
+        storage=storage,
+        storage_dtype=fp8,
+        computation_device="cpu",
+        computation_dtype=torch.float32,
+        vram_limit=None if storage == "device" else 1.0,
+    )
     handle = enable_vram_management(managed, config, weights=SafetensorsSource(tiny_file))
     output = managed(*tiny_inputs())
     error = relative_error(output, expected)
@@ -71,11 +78,13 @@ def test_fp8_storage_within_bound(tiny_net, tiny_file, storage, fp8, bound):
 
 
 def test_fp8_storage_uses_less_memory(tiny_net):
-    plain = enable_vram_management(clone_of(tiny_net), VRAMConfig(storage="cpu", computation_device="cpu",
-                                                                 computation_dtype=torch.float32))
-    fp8 = enable_vram_management(clone_of(tiny_net), VRAMConfig(storage="cpu", storage_dtype="fp8",
-                                                               computation_device="cpu",
-                                                               computation_dtype=torch.float32))
+    plain = enable_vram_management(
+        clone_of(tiny_net), VRAMConfig(storage="cpu", computation_device="cpu", computation_dtype=torch.float32)
+    )
+    fp8 = enable_vram_management(
+        clone_of(tiny_net),
+        VRAMConfig(storage="cpu", storage_dtype="fp8", computation_device="cpu", computation_dtype=torch.float32),
+    )
     plain_bytes = {layer.name: layer.nbytes for layer in plain.report().layers}
     fp8_bytes = {layer.name: layer.nbytes for layer in fp8.report().layers}
     # weight at 1 byte + float32 per-channel scale + float32 bias, against 4 bytes per element
@@ -89,8 +98,13 @@ def test_never_fp8_patterns(tiny_net):
 
     model = Declared()
     model.load_state_dict(tiny_net.state_dict())
-    config = VRAMConfig(storage="cpu", storage_dtype="fp8", computation_device="cpu",
-                        computation_dtype=torch.float32, never_fp8=("blocks.1.*",))
+    config = VRAMConfig(
+        storage="cpu",
+        storage_dtype="fp8",
+        computation_device="cpu",
+        computation_dtype=torch.float32,
+        never_fp8=("blocks.1.*",),
+    )
     handle = enable_vram_management(model, config)
     dtypes = {layer.name: layer.dtype for layer in handle.report().layers}
     assert dtypes["head"] == "float32"
@@ -120,8 +134,9 @@ def test_per_channel_fp8_beats_plain_cast_on_outlier_channels():
 def test_module_keeps_exact_weights_as_parameters(tiny_net):
     """Where nothing is converted, the module's parameters are the stored tensors: state_dict stays usable."""
     managed = clone_of(tiny_net)
-    enable_vram_management(managed, VRAMConfig(storage="cpu", computation_device="cpu",
-                                               computation_dtype=torch.float32))
+    enable_vram_management(
+        managed, VRAMConfig(storage="cpu", computation_device="cpu", computation_dtype=torch.float32)
+    )
     state = managed.state_dict()
     for key, value in tiny_net.state_dict().items():
         assert torch.equal(state[key], value), key
@@ -130,17 +145,22 @@ def test_module_keeps_exact_weights_as_parameters(tiny_net):
 def test_fp8_placeholders_report_the_computation_dtype(tiny_net):
     """Models (T5, say) read `layer.weight.dtype` to cast activations: it must not say FP8."""
     managed = clone_of(tiny_net)
-    enable_vram_management(managed, VRAMConfig(storage="cpu", storage_dtype="fp8", computation_device="cpu",
-                                               computation_dtype=torch.bfloat16))
+    enable_vram_management(
+        managed,
+        VRAMConfig(storage="cpu", storage_dtype="fp8", computation_device="cpu", computation_dtype=torch.bfloat16),
+    )
     assert managed.blocks[0]["up"].weight.dtype == torch.bfloat16
     assert managed.blocks[0]["up"].weight.shape == (64, 32)
 
 
 def test_units_are_fetched_and_computed_together(tiny_net):
     managed = clone_of(tiny_net)
-    handle = enable_vram_management(managed, VRAMConfig(storage="cpu", computation_device="cpu",
-                                                        computation_dtype=torch.float32, vram_limit=0,
-                                                        units=("blocks.*",)))
+    handle = enable_vram_management(
+        managed,
+        VRAMConfig(
+            storage="cpu", computation_device="cpu", computation_dtype=torch.float32, vram_limit=0, units=("blocks.*",)
+        ),
+    )
     names = [layer.name for layer in handle.report().layers]
     assert "blocks.0" in names and "blocks.0.up" not in names
     assert torch.equal(managed(*tiny_inputs()), tiny_net(*tiny_inputs()))
@@ -148,9 +168,16 @@ def test_units_are_fetched_and_computed_together(tiny_net):
 
 def test_excluded_layers_stay_plain_and_trainable(tiny_net):
     managed = clone_of(tiny_net)
-    handle = enable_vram_management(managed, VRAMConfig(storage="cpu", storage_dtype="fp8",
-                                                        computation_device="cpu", computation_dtype=torch.float32,
-                                                        exclude=("head",)))
+    handle = enable_vram_management(
+        managed,
+        VRAMConfig(
+            storage="cpu",
+            storage_dtype="fp8",
+            computation_device="cpu",
+            computation_dtype=torch.float32,
+            exclude=("head",),
+        ),
+    )
     assert managed.head.weight.requires_grad and managed.head.weight.dtype == torch.float32
     assert "head" not in [layer.name for layer in handle.layers]
     managed(*tiny_inputs()).sum().backward()
@@ -159,9 +186,11 @@ def test_excluded_layers_stay_plain_and_trainable(tiny_net):
 
 def test_onload_offload_and_disable(tiny_net, tiny_file):
     managed = clone_of(tiny_net)
-    handle = enable_vram_management(managed, VRAMConfig(storage="disk", computation_device="cpu",
-                                                        computation_dtype=torch.float32, vram_limit=None),
-                                    weights=SafetensorsSource(tiny_file))
+    handle = enable_vram_management(
+        managed,
+        VRAMConfig(storage="disk", computation_device="cpu", computation_dtype=torch.float32, vram_limit=None),
+        weights=SafetensorsSource(tiny_file),
+    )
     buffers = handle.report().buffer_bytes
     assert handle.report().on_device_bytes == buffers  # nothing fetched before first use
     handle.onload()
@@ -181,9 +210,12 @@ def test_onload_offload_and_disable(tiny_net, tiny_file):
 def test_report_counts_the_budget(tiny_net):
     managed = clone_of(tiny_net)
     limit_bytes = 20_000
-    handle = enable_vram_management(managed, VRAMConfig(storage="cpu", computation_device="cpu",
-                                                        computation_dtype=torch.float32,
-                                                        vram_limit=limit_bytes / 1024**3))
+    handle = enable_vram_management(
+        managed,
+        VRAMConfig(
+            storage="cpu", computation_device="cpu", computation_dtype=torch.float32, vram_limit=limit_bytes / 1024**3
+        ),
+    )
     managed(*tiny_inputs())
     report = handle.report()
     assert report.resident_bytes <= limit_bytes

@@ -59,7 +59,9 @@ class TinyNet(nn.Module):
         return self.head(self.final_norm(self.gain(hidden)))
 
 
-def tiny_inputs(batch: int = 2, side: int = 4, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def tiny_inputs(
+    batch: int = 2, side: int = 4, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     indices = torch.randint(0, 50, (batch, side * side), generator=generator)
     image = torch.randn(batch, 3, side, side, generator=generator).to(dtype)

@@ -91,8 +91,7 @@ class VRAMHandle:
         self._buffer_bytes = 0
         self._excluded_bytes = 0
         self._discover()
-        if weights is not None and config.storage == "disk":
-            self._validate_source()
+        self._validate()  # everything is checked before the module is changed
         self._load_excluded_and_buffers()
         for layer in self.layers:
             self._store(layer)
@@ -120,7 +119,9 @@ class VRAMHandle:
                 self.excluded[prefix] = module
                 return
             unit = bool(prefix) and _matches(prefix, self._units)
-            if any(p is not None for p in module._parameters.values()) or (unit and next(module.parameters(), None) is not None):
+            if any(p is not None for p in module._parameters.values()) or (
+                unit and next(module.parameters(), None) is not None
+            ):
                 self._add_layer(prefix, module, unit, aliases)
             if unit:
                 return
@@ -157,6 +158,26 @@ class VRAMHandle:
 
     def _source_key(self, entry: TensorEntry) -> str | None:
         return next((key for key in entry.keys if key in self.weights), None)
+
+    def _validate(self) -> None:
+        if self.config.storage == "disk":
+            self._validate_source()
+        else:
+            for layer in self.layers:
+                for entry in layer.entries:
+                    if entry.owner._parameters[entry.attribute].is_meta:
+                        raise ValueError(
+                            f"parameter {entry.keys[0]!r} is on the meta device; use storage='disk' with a weight "
+                            "source, or load the weights first"
+                        )
+        for prefix, module in self.module.named_modules():
+            for name, buffer in module._buffers.items():
+                key = _join(prefix, name)
+                if buffer is not None and buffer.is_meta and (self.weights is None or key not in self.weights):
+                    raise KeyError(
+                        f"buffer {key!r} is on the meta device and the weight source has no such key; "
+                        "build the module on the CPU or give a source that holds it"
+                    )
 
     def _validate_source(self) -> None:
         missing, mismatched = [], []
@@ -215,11 +236,6 @@ class VRAMHandle:
                 layer.storage_bytes += numel * dtype.itemsize + (4 * entry.shape[0] if entry.fp8 else 0)
             else:
                 parameter = entry.owner._parameters[entry.attribute]
-                if parameter.is_meta:
-                    raise ValueError(
-                        f"parameter {entry.keys[0]!r} is on the meta device; use storage='disk' with a weight "
-                        "source, or load the weights first"
-                    )
                 target = self.device if storage == "device" else torch.device("cpu")
                 item = self._convert(parameter.detach().to(target), entry)
                 if self.config.pin_memory and target.type == "cpu":
