@@ -154,3 +154,37 @@ def test_gradients_reach_inputs_and_adapters(tiny_net, tiny_file, storage, use_c
     for actual, expected in zip(adapter_grads, ref_adapter_grads, strict=True):
         torch.testing.assert_close(actual, expected)
     assert all(not p.requires_grad for p in managed.parameters())  # managed weights are frozen
+
+
+def test_streamed_linear_weights_are_not_kept_for_backward(tiny_net):
+    """Training through streamed layers must not pin every fetched weight until backward."""
+    managed = clone_of(tiny_net)
+    handle = enable_vram_management(
+        managed,
+        VRAMConfig(
+            storage="cpu", storage_dtype="fp8", computation_device="cpu", computation_dtype=torch.float32, vram_limit=0
+        ),
+    )
+    handle.add_lora("train", {"head": tuple(t.requires_grad_() for t in adapters(tiny_net)["head"])})
+    saved_shapes = []
+
+    def pack(tensor):
+        saved_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    indices, image = tiny_inputs()
+    image.requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = managed(indices, image)
+    linear_weights = {tuple(m.weight.shape) for m in managed.modules() if isinstance(m, torch.nn.Linear)}
+    assert not linear_weights & set(saved_shapes), saved_shapes
+    output.square().mean().backward()
+    reference = clone_of(tiny_net)
+    resident = enable_vram_management(
+        reference,
+        VRAMConfig(storage="cpu", storage_dtype="fp8", computation_device="cpu", computation_dtype=torch.float32),
+    )
+    resident.add_lora("train", {"head": adapters(tiny_net)["head"]})  # resident layers: plain autograd
+    reference_image = image.detach().clone().requires_grad_()
+    reference(indices, reference_image).square().mean().backward()
+    torch.testing.assert_close(image.grad, reference_image.grad)

@@ -152,8 +152,10 @@ class VRAMConfig:
 def _check_fp8_matmul(device: torch.device, storage_dtype: torch.dtype, computation_dtype: torch.dtype) -> None:
     if storage_dtype != torch.float8_e4m3fn:
         raise ValueError(f"fp8_matmul=True needs storage_dtype float8_e4m3fn, got {storage_dtype}")
-    if computation_dtype == torch.float32:
-        raise ValueError("fp8_matmul=True needs computation_dtype bfloat16 or float16")
+    if computation_dtype != torch.bfloat16:
+        raise ValueError(
+            f"fp8_matmul=True needs computation_dtype bfloat16 (row-wise scaled matmul), got {computation_dtype}"
+        )
     if device.type != "cuda":
         raise RuntimeError(f"fp8_matmul=True needs a CUDA GPU of compute capability 8.9+; computation is on {device}")
     capability = torch.cuda.get_device_capability(device)

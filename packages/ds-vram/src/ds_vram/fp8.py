@@ -84,9 +84,10 @@ def scaled_mm_linear(
         weight.t(),
         scale_a=row_scale,
         scale_b=column_scale,
-        bias=None if bias is None else bias.to(x.dtype),
         out_dtype=x.dtype,
     )
     if padded:
         output = output[: rows.shape[0]]
+    if bias is not None:  # added here: row-wise scaled matmul does not take a bias on every torch version
+        output = output + bias.to(x.dtype)
     return output.reshape(*x.shape[:-1], out_features)

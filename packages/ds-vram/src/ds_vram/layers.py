@@ -114,23 +114,52 @@ def _bias(payload: dict[str, StoredTensor], dtype: torch.dtype) -> torch.Tensor 
 
 
 def compute_linear(
-    layer: ManagedLayer, payload: dict[str, StoredTensor], x: torch.Tensor, dtype: torch.dtype, fp8_matmul: bool
+    layer: ManagedLayer,
+    payload: dict[str, StoredTensor],
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    fp8_matmul: bool,
+    refetch: Callable[[], dict[str, StoredTensor]] | None = None,
 ) -> torch.Tensor:
+    """``refetch`` given: the weight is streamed and autograd must not keep it; backward fetches it again."""
     x = _to_dtype(x, dtype)
+    if refetch is not None and torch.is_grad_enabled() and x.requires_grad:
+        output = _StreamedLinear.apply(x, payload, refetch, dtype, fp8_matmul)
+    else:
+        output = _linear(x, payload, dtype, fp8_matmul)
+    return _add_loras(layer, x, output, dtype)
+
+
+def _linear(x: torch.Tensor, payload: dict[str, StoredTensor], dtype: torch.dtype, fp8_matmul: bool) -> torch.Tensor:
     weight, bias = payload["weight"], _bias(payload, dtype)
-    output = None
     if fp8_matmul and weight.data.dtype == torch.float8_e4m3fn and x.is_cuda:
         output = scaled_mm_linear(x, weight.data, weight.scale, bias)
-    if output is None:
-        if weight.scale is None:
-            output = F.linear(x, weight.data.to(dtype), bias)
-        else:
-            # Scale the output rather than the weight: one pass over tokens x channels, not channels x inputs.
-            output = F.linear(x, weight.data.to(dtype))
-            output = output * output_scale_shape(weight.scale, output, -1)
-            if bias is not None:
-                output = output + bias
-    return _add_loras(layer, x, output, dtype)
+        if output is not None:
+            return output
+    if weight.scale is None:
+        return F.linear(x, weight.data.to(dtype), bias)
+    # Scale the output rather than the weight: one pass over tokens x channels, not channels x inputs.
+    output = F.linear(x, weight.data.to(dtype))
+    output = output * output_scale_shape(weight.scale, output, -1)
+    return output if bias is None else output + bias
+
+
+class _StreamedLinear(torch.autograd.Function):
+    """A Linear on frozen streamed weights that saves nothing for backward but a way to fetch them again.
+
+    Plain autograd would keep every streamed layer's fetched weight alive until backward, so a training step
+    would hold the whole model on the device; here backward costs one more fetch per layer instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, payload, refetch, dtype, fp8_matmul):
+        ctx.refetch, ctx.dtype = refetch, dtype
+        return _linear(x, payload, dtype, fp8_matmul)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = ctx.refetch()["weight"].dequantized(ctx.dtype)
+        return grad_output.to(weight.dtype) @ weight, None, None, None, None
 
 
 def compute_conv(

@@ -317,7 +317,8 @@ class VRAMHandle:
         payload = self.acquire(layer)
         try:
             if layer.kind == "linear":
-                return compute_linear(layer, payload, args[0], self.dtype, self.config.fp8_matmul)
+                refetch = None if layer.keep_resident else functools.partial(self.fetch, layer)
+                return compute_linear(layer, payload, args[0], self.dtype, self.config.fp8_matmul, refetch)
             if layer.kind == "conv":
                 return compute_conv(layer, payload, args[0], self.dtype)
             if layer.kind == "embedding":
@@ -497,7 +498,8 @@ class _Streamer:
             fetched += 1
             if layer in self.in_flight:
                 continue
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.handle.device))
+            # No wait on the compute stream: the source is immutable storage, and the caching allocator keeps
+            # memory freed on the compute stream (record_stream) from being reused here too early.
             with torch.cuda.stream(self.copy_stream):
                 payload = self.handle.fetch(layer)
                 event = torch.cuda.Event()
