@@ -200,7 +200,11 @@ def test_onload_offload_and_disable(tiny_net, tiny_file):
     assert handle.report().on_device_bytes == buffers
     expected = tiny_net(*tiny_inputs())
     assert torch.equal(managed(*tiny_inputs()), expected)  # after offload, layers come back on use
+    from ds_vram import get_vram_handle
+
+    assert get_vram_handle(managed) is handle
     handle.disable()
+    assert get_vram_handle(managed) is None
     assert "forward" not in managed.blocks[0]["up"].__dict__
     assert not any(p.is_meta for p in managed.parameters())
     assert torch.equal(managed(*tiny_inputs()), expected)

@@ -168,7 +168,8 @@ def fake_flash_attn(monkeypatch):
 
 def test_installed_kernel_receives_bshd_and_gqa_unchanged(monkeypatch, fake_flash_attn):
     # Pretend the device and dtype suit the kernel; masks still do not.
-    monkeypatch.setattr(attention_module, "_unsupported_reason", lambda q, mask: None if mask is None else "mask")
+    reason = lambda _name, q, mask: None if mask is None else "mask"  # noqa: E731
+    monkeypatch.setattr(attention_module, "_unsupported_reason", reason)
     assert "flash_attn_2" in available_attention_implementations()
     q, k, v = make_qkv(heads=4, kv_heads=2)
     out = attention(q, k, v, scale=0.3, implementation="flash_attn_2")
@@ -183,6 +184,14 @@ def test_explicit_kernel_that_cannot_run_the_call_raises(fake_flash_attn):
     with pytest.raises(AttentionBackendError, match="mask"):
         attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.ones(7, 7, dtype=torch.bool), implementation="flash")
     assert fake_flash_attn == []
+
+
+def test_kernels_refuse_head_sizes_they_have_no_kernel_for(fake_flash_attn):
+    # The FLUX.1 VAE's mid-block attention has one head of 512: no FlashAttention kernel exists for it.
+    q, k, v = make_qkv(head_dim=512)
+    with pytest.raises(AttentionBackendError, match="no kernel for head_dim 512"):
+        attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), implementation="flash_attn_2")
+    assert attention_module._unsupported_reason("sage", q.bfloat16(), None).startswith("it has no kernel for head")
 
 
 def test_env_kernel_that_cannot_run_the_call_falls_back_to_sdpa_with_a_warning(monkeypatch, fake_flash_attn):

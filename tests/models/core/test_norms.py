@@ -64,3 +64,14 @@ def test_module_parameters_and_eps():
     loose = RMSNorm(16, eps=1e-2, elementwise_affine=False)
     assert (plain(x) - loose(x)).abs().max() > 0.5
     assert "eps=1e-06" in repr(plain)
+
+
+def test_rms_norm_parameter_name_follows_the_checkpoint():
+    from ds_models_core import RMSNorm
+
+    norm = RMSNorm(8, parameter_name="scale")
+    assert list(dict(norm.named_parameters())) == ["scale"]
+    with torch.no_grad():
+        norm.scale.mul_(3)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(norm(x), RMSNorm(8)(x) * 3)

@@ -112,8 +112,14 @@ def _resolve(implementation: str | None) -> tuple[str, bool]:
     return "sdpa", False
 
 
-def _unsupported_reason(q: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+# Head sizes the fused kernels compile for: FlashAttention up to 256 in multiples of 8, SageAttention a few.
+_HEAD_DIMS = {"flash_attn_2": range(8, 257, 8), "flash_attn_3": range(8, 257, 8), "sage": (64, 96, 128)}
+
+
+def _unsupported_reason(name: str, q: torch.Tensor, mask: torch.Tensor | None) -> str | None:
     """Why a FlashAttention/SageAttention kernel cannot run this call, or None when it can."""
+    if q.shape[-1] not in _HEAD_DIMS.get(name, (q.shape[-1],)):
+        return f"it has no kernel for head_dim {q.shape[-1]}"
     if mask is not None:
         return "it takes no attention mask"
     if q.dtype not in _HALF_DTYPES:
@@ -208,7 +214,7 @@ def attention(
     _check_shapes(q, k, v)
     name, explicit = _resolve(implementation)
     if name != "sdpa":
-        reason = _unsupported_reason(q, mask)
+        reason = _unsupported_reason(name, q, mask)
         if reason is not None:
             if explicit:
                 raise AttentionBackendError(

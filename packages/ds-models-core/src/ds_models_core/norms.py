@@ -31,8 +31,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 class RMSNorm(nn.Module):
     """RMS norm over the last dimension with an optional learned scale ``weight`` of shape ``(dim,)``.
 
-    The parameter is named ``weight`` (diffusers, Wan, Z-Image checkpoints); a family whose files say
-    otherwise (FLUX.1's ``scale``) renames in its converter.
+    The parameter is named ``weight`` (diffusers, Wan, Z-Image checkpoints) unless ``parameter_name`` says
+    otherwise (FLUX.1's files say ``scale``), so official checkpoints load without renaming.
     """
 
     def __init__(
@@ -42,17 +42,18 @@ class RMSNorm(nn.Module):
         elementwise_affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        parameter_name: str = "weight",
     ) -> None:
         super().__init__()
         self.dim = dim
         self.eps = eps
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
+        self.parameter_name = parameter_name
+        weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype)) if elementwise_affine else None
+        self.register_parameter(parameter_name, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, getattr(self, self.parameter_name), self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+        affine = getattr(self, self.parameter_name) is not None
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={affine}, parameter_name={self.parameter_name!r}"

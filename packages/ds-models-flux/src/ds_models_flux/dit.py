@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_models_core import (
+    RMSNorm,
     apply_rope,
     attention,
     gated_residual,
     modulate,
-    rms_norm,
     rope,
     split_modulation,
     timestep_embedding,
@@ -160,24 +160,13 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
-class ScaleRMSNorm(nn.Module):
-    """RMS norm whose learned weight is named ``scale``, as in BFL checkpoints (core's ``RMSNorm`` says ``weight``)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.scale, NORM_EPS)
-
-
 class QKNorm(nn.Module):
     """Per-head RMS norm of queries and keys (``query_norm.scale``, ``key_norm.scale``), cast to v's dtype."""
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
-        self.query_norm = ScaleRMSNorm(head_dim)
-        self.key_norm = ScaleRMSNorm(head_dim)
+        self.query_norm = RMSNorm(head_dim, eps=NORM_EPS, parameter_name="scale")
+        self.key_norm = RMSNorm(head_dim, eps=NORM_EPS, parameter_name="scale")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_norm(q).to(v), self.key_norm(k).to(v)

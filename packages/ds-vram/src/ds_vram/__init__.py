@@ -7,7 +7,7 @@ in a dtype of the user's choosing (down to FP8 with per-channel scales), and com
 from .config import VRAMConfig
 from .fp8 import quantize_fp8
 from .lora import LoraAdapter
-from .manager import VRAMHandle, enable_vram_management
+from .manager import VRAMHandle, enable_vram_management, get_vram_handle
 from .report import LayerReport, VRAMReport
 from .sources import SafetensorsError, SafetensorsSource, TensorInfo, WeightSource, read_safetensors_header
 
@@ -22,6 +22,7 @@ __all__ = [
     "VRAMReport",
     "WeightSource",
     "enable_vram_management",
+    "get_vram_handle",
     "quantize_fp8",
     "read_safetensors_header",
 ]

@@ -33,7 +33,7 @@ from .lora import LoraAdapter, check_lora_shapes
 from .report import LayerReport, VRAMReport
 from .sources import WeightSource
 
-__all__ = ["VRAMHandle", "enable_vram_management"]
+__all__ = ["VRAMHandle", "enable_vram_management", "get_vram_handle"]
 
 _HANDLE_ATTRIBUTE = "_ds_vram_handle"
 
@@ -63,6 +63,11 @@ def enable_vram_management(
             f"got {type(weights).__name__}"
         )
     return VRAMHandle(module, config, weights)
+
+
+def get_vram_handle(module: nn.Module) -> VRAMHandle | None:
+    """The handle managing ``module``, or None: how pipelines find what to onload and offload."""
+    return getattr(module, _HANDLE_ATTRIBUTE, None)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
