@@ -228,3 +228,99 @@ def test_save_image_writes_metadata_atomically(pipe, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_image(broken, tmp_path / "second.png")
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no half-written file left behind
+
+
+@pytest.mark.slow
+def test_fill_matches_diffusers_flux_fill_pipeline(pipe, diffusers_pipe, monkeypatch):
+    """Fill-dev: masked-image latents and the mask folded to 256 channels, as diffusers' FluxFillPipeline does.
+
+    We encode images to the mean of the VAE's Gaussian (deterministic, as DiffSynth does); diffusers (and BFL)
+    draw a sample, so diffusers is made to use the mean here.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    import dataclasses
+
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    from ds_models_flux import FluxDiT
+    from tests.models.flux.test_dit import diffusers_kwargs, diffusers_to_bfl, randomize
+
+    config = dataclasses.replace(pipe.dit.config, in_channels=384, out_channels=64)
+    transformer = FluxTransformer2DModel(**diffusers_kwargs(config)).eval()
+    randomize(transformer, seed=31)
+    dit = FluxDiT(config).eval()
+    dit.load_state_dict(diffusers_to_bfl(transformer.state_dict()), strict=True)
+    ours = FluxImagePipeline(
+        {**pipe._components, "dit": dit}, device="cpu", torch_dtype=torch.float32, progress_bar=False
+    )
+    shared = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    theirs = FluxFillPipeline(**{name: diffusers_pipe.components[name] for name in shared}, transformer=transformer)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (8, 16, 40, 56))
+    noise = noise_for(2)
+    result = ours(
+        "the cat",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=2,
+        noise=noise,
+        fill_image=image,
+        fill_mask=mask,
+        embedded_guidance=30.0,
+        t5_sequence_length=16,
+    )
+    with torch.no_grad():
+        expected = theirs(
+            "the cat",
+            image=image,
+            mask_image=mask,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=2,
+            guidance_scale=30.0,
+            latents=patchify(noise),
+            max_sequence_length=16,
+            output_type="pt",
+        ).images
+    expected = (expected[0].permute(1, 2, 0) * 255).round().to(torch.int16).numpy()
+    assert np.abs(pixels(result) - expected).max() <= 1
+    other_mask = Image.new("L", (SIZE, SIZE), 0)
+    moved = ours(
+        "the cat",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=2,
+        noise=noise,
+        fill_image=image,
+        fill_mask=other_mask,
+        embedded_guidance=30.0,
+        t5_sequence_length=16,
+    )
+    assert np.abs(pixels(moved) - expected).mean() > 1  # the mask reaches the model
+
+
+def test_from_pretrained_with_a_list_of_model_configs(flux_files, pipe):
+    """Like DiffSynth's model_configs=[...]: files are recognised by detection, whatever their order."""
+    folder = flux_files.bfl_repo
+    listed = FluxImagePipeline.from_pretrained(
+        model_configs=[
+            folder / "text_encoder_2",
+            folder / "ae.safetensors",
+            folder / "tokenizer_2",
+            folder / "flux1-dev.safetensors",
+            folder / "text_encoder",
+            folder / "tokenizer",
+        ],
+        torch_dtype=torch.float32,
+        device="cpu",
+        progress_bar=False,
+    )
+    expected = pipe("the cat", height=SIZE, width=SIZE, num_inference_steps=1, seed=0, t5_sequence_length=8)
+    result = listed("the cat", height=SIZE, width=SIZE, num_inference_steps=1, seed=0, t5_sequence_length=8)
+    assert np.array_equal(pixels(result), pixels(expected))
+    with pytest.raises(ValueError, match="no source for tokenizer, text_encoder, tokenizer_2, text_encoder_2, dit;"):
+        FluxImagePipeline.from_pretrained(model_configs=[folder / "ae.safetensors"], device="cpu")

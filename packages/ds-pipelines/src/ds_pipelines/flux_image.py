@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +63,7 @@ class FluxImagePipeline(Pipeline):
         cls,
         model: str | os.PathLike | None = None,
         *,
-        model_configs: Mapping[str, object] | None = None,
+        model_configs: Mapping[str, object] | Sequence[object] | None = None,
         torch_dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         vram: VRAMConfig | Mapping[str, VRAMConfig] | None = None,
@@ -76,15 +76,16 @@ class FluxImagePipeline(Pipeline):
             (``"black-forest-labs/FLUX.1-dev"``), or a local folder laid out like an official repository (BFL
             files at its root, or diffusers folders ``transformer/`` and ``vae/``; ``text_encoder/``,
             ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``).
-        model_configs: per-component ``ds_loader.ModelConfig`` or paths that replace or complete ``model``'s
-            (components: dit, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2).
+        model_configs: ``ds_loader.ModelConfig``s or paths that replace or complete ``model``'s: a mapping by
+            component (dit, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2), or a list whose model
+            files are recognised by detection and whose ``tokenizer/`` and ``tokenizer_2/`` folders by name.
         vram: one ``VRAMConfig`` for every model, or one per component name; None keeps models on ``device``.
         """
         from ds_loader import load_model
         from ds_models_flux import CLIP_SPEC, DIT_SPEC, T5_SPEC, VAE_SPEC, load_tokenizers
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        sources = {**_component_sources(model, download_source), **dict(model_configs or {})}
+        sources = {**_component_sources(model, download_source), **_named_sources(model_configs)}
         missing = [name for name in cls.component_names if name not in sources]
         if missing:
             raise ValueError(
@@ -332,6 +333,38 @@ def _component_sources(model: str | os.PathLike | None, download_source: str | N
     by_id = {preset.model_id.lower(): preset for preset in PRESETS.values()}
     preset = by_id.get(str(model).lower()) or get_preset(str(model))
     return dict(preset.model_configs(download_source))
+
+
+_SPEC_COMPONENTS = {
+    "flux.dit": "dit",
+    "flux.vae": "vae",
+    "flux.text_encoder_clip": "text_encoder",
+    "flux.text_encoder_t5": "text_encoder_2",
+}
+
+
+def _named_sources(model_configs: Mapping[str, object] | Sequence[object] | None) -> dict[str, object]:
+    """Component names for ``model_configs``; a list is sorted out by detection (headers only)."""
+    if model_configs is None:
+        return {}
+    if isinstance(model_configs, Mapping):
+        return dict(model_configs)
+    from ds_loader import ModelConfig, detect
+
+    sources: dict[str, object] = {}
+    for source in model_configs:
+        paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
+        if len(paths) == 1 and paths[0].is_dir() and paths[0].name in ("tokenizer", "tokenizer_2"):
+            sources[paths[0].name] = paths[0]
+            continue
+        names = {_SPEC_COMPONENTS.get(match.spec.name) for match in detect(paths)} - {None}
+        if len(names) != 1:
+            raise ValueError(
+                f"model_configs entry {source}: expected one FLUX.1 component, detected "
+                f"{sorted(names) or 'none'}; pass model_configs as a mapping to say which"
+            )
+        sources[names.pop()] = source
+    return sources
 
 
 def _tokenizer_root(clip: object, t5: object) -> Path:
