@@ -171,7 +171,7 @@ def test_vram_management_with_a_converted_checkpoint(tiny, files, registered, st
         assert model.blocks[0].attn.q.weight.is_meta
     x = _inputs(files)
     torch.testing.assert_close(model(x), _reference(tiny, files)(x))
-    handle = model.vram_handle
+    handle = ds_vram.get_vram_handle(model)
     assert set(tiny.dit_spec.never_fp8) <= set(handle.config.never_fp8)
     assert set(tiny.dit_spec.vram_units) <= set(handle.config.units)
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
+import ds_vram
 from ds_loader.checkpoint import Checkpoint
 from ds_loader.config import ModelConfig
 from ds_loader.detect import CheckpointLike, Match, as_checkpoints, detect, registry, run_spec
 from ds_loader.download import HubClient
 from ds_loader.errors import AmbiguousModelError, DetectionError, LoaderError, RecipeError, StateDictMismatchError
 from ds_loader.spec import Detection, ModelSpec
-from ds_vram.sources import WeightSource
+from ds_vram import WeightSource
 
 __all__ = ["load_model", "open_weights", "validate_weights"]
 
@@ -151,23 +151,22 @@ def _on_meta(model: nn.Module) -> list[str]:
     return [name for name, tensor in named if tensor.is_meta]
 
 
-def _enable_vram(model: nn.Module, vram: Any, weights: WeightSource, spec: ModelSpec) -> None:
-    import ds_vram
-
-    if dataclasses.is_dataclass(vram) and {"never_fp8", "units"} <= {f.name for f in dataclasses.fields(vram)}:
-        vram = dataclasses.replace(
-            vram,
-            never_fp8=tuple(vram.never_fp8) + tuple(spec.never_fp8),
-            units=tuple(vram.units) + tuple(spec.vram_units),
-        )
-    model.vram_handle = ds_vram.enable_vram_management(model, vram, weights=weights)
+def _enable_vram(model: nn.Module, vram: ds_vram.VRAMConfig, weights: WeightSource, spec: ModelSpec) -> None:
+    if not isinstance(vram, ds_vram.VRAMConfig):
+        raise TypeError(f"vram must be a ds_vram.VRAMConfig, got {type(vram).__name__}")
+    vram = dataclasses.replace(
+        vram,
+        never_fp8=tuple(vram.never_fp8) + tuple(spec.never_fp8),
+        units=tuple(vram.units) + tuple(spec.vram_units),
+    )
+    ds_vram.enable_vram_management(model, vram, weights=weights)
 
 
 def load_model(
     config_or_paths: ModelConfig | CheckpointLike,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
-    vram: Any | None = None,
+    vram: ds_vram.VRAMConfig | None = None,
     spec: ModelSpec | str | None = None,
     hub: HubClient | None = None,
 ) -> nn.Module:
@@ -177,7 +176,7 @@ def load_model(
         and bool tensors keep their dtype.
     vram: a ``ds_vram.VRAMConfig``; ds-vram then places the weights and ``device`` is not used. With
         ``storage="disk"`` the model stays on the meta device and ds-vram reads each (converted) tensor when
-        its layer runs; otherwise weights are bound on the CPU first. The handle is ``model.vram_handle``.
+        its layer runs; otherwise weights are bound on the CPU first. The handle is ``ds_vram.get_vram_handle(model)``.
     spec: the ``ModelSpec`` (or its name) to use when detection is ambiguous or to skip the other specs.
     hub: replaces the download client for a ``ModelConfig`` (mirrors, tests).
 

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from ds_models_flux.converters import clip_inner_prefix
+from ds_vram import get_vram_handle
 
 __all__ = [
     "CLIP_MAX_LENGTH",
@@ -134,7 +135,7 @@ def load_tokenizers(folder: str | os.PathLike) -> tuple[CLIPTokenizer, T5Tokeniz
 
 def _device_of(model: nn.Module) -> torch.device:
     """Where a model's inputs go: its first real (not meta) parameter's device, else the CPU (ds-vram moves)."""
-    handle = getattr(model, "vram_handle", None)
+    handle = get_vram_handle(model)
     if handle is not None:
         return torch.device(handle.config.computation_device)
     for parameter in model.parameters():
