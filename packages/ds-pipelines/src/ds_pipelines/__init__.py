@@ -1,25 +1,59 @@
 """ds-pipelines: from prompt to pixels, and the sampling math that training shares."""
 
 from .base import Pipeline, PipelineStepError, pipeline_step
+from .catalog import (
+    MEMORY_SETTINGS,
+    ComponentSize,
+    ModelEntry,
+    VRAMSuggestion,
+    download_model,
+    estimate_memory,
+    get_model_entry,
+    list_models,
+    pipeline_for,
+    preset_defaults,
+    suggest_vram,
+)
 from .flux_image import FluxImagePipeline
 from .lora import LoraPiece, lora_layers, parse_lora, read_lora
-from .media import image_to_tensor, save_image, tensor_to_images
-from .schedulers import FLOW_MATCH_TEMPLATES, FlowMatchScheduler, FlowMatchTemplate, shift_sigmas
+from .lora_info import LoraInfo, inspect_lora, lora_key_format
+from .media import VideoFrames, image_to_tensor, load_video, save_image, save_video, tensor_to_images
+from .schedulers import FLOW_MATCH_TEMPLATES, FlowMatchScheduler, FlowMatchTemplate, FlowUniPCScheduler, shift_sigmas
+from .wan_video import WanVideoPipeline
 
 __all__ = [
     "FLOW_MATCH_TEMPLATES",
+    "MEMORY_SETTINGS",
+    "ComponentSize",
     "FlowMatchScheduler",
     "FlowMatchTemplate",
+    "FlowUniPCScheduler",
     "FluxImagePipeline",
+    "LoraInfo",
     "LoraPiece",
+    "ModelEntry",
     "Pipeline",
     "PipelineStepError",
+    "VRAMSuggestion",
+    "VideoFrames",
+    "WanVideoPipeline",
+    "download_model",
+    "estimate_memory",
+    "get_model_entry",
     "image_to_tensor",
+    "inspect_lora",
+    "list_models",
+    "load_video",
+    "lora_key_format",
     "lora_layers",
     "parse_lora",
+    "pipeline_for",
     "pipeline_step",
+    "preset_defaults",
     "read_lora",
     "save_image",
+    "save_video",
     "shift_sigmas",
+    "suggest_vram",
     "tensor_to_images",
 ]

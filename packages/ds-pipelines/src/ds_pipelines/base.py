@@ -151,8 +151,10 @@ class Pipeline:
         *,
         rand_device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Gaussian noise drawn in float32 on ``rand_device`` (CPU: the same seed gives the same image anywhere)."""
+        """Gaussian noise drawn in float32 on ``rand_device`` (CPU: the same seed gives the same image anywhere),
+        returned on the pipeline's device in ``dtype`` (default: the pipeline's ``torch_dtype``)."""
         if generator is None:
             generator = torch.Generator(rand_device)
             if seed is None:
@@ -160,7 +162,7 @@ class Pipeline:
             else:
                 generator.manual_seed(seed)
         noise = torch.randn(shape, generator=generator, device=rand_device, dtype=torch.float32)
-        return noise.to(device=self.device, dtype=self.torch_dtype)
+        return noise.to(device=self.device, dtype=dtype or self.torch_dtype)
 
     def progress(self, iterable: Iterable, **kwargs: Any) -> Iterable:
         return tqdm(iterable, disable=not self.progress_bar, **kwargs)

@@ -106,10 +106,22 @@ class FluxImagePipeline(Pipeline):
         pipe.model_name = str(model) if model is not None else None
         return pipe
 
+    def default_t5_sequence_length(self) -> int:
+        """T5 tokens per prompt when none is asked for: 512 for guidance-distilled (dev-family) models, 256 for
+        schnell, but never more than ``tokenizer_2.model_max_length`` (512 in the releases; a small model such as
+        ``demo-digits`` declares the length it was trained with there, so training and sampling agree)."""
+        dit = self._components.get("dit")  # read, not run: no step needs to declare it for this
+        length = 512 if dit is None or dit.config.guidance_embed else 256
+        declared = getattr(self._components.get("tokenizer_2"), "model_max_length", None)
+        return min(length, declared) if isinstance(declared, int) and declared > 0 else length
+
     @pipeline_step("text_encoder", "text_encoder_2")
-    def encode_prompt(self, prompt: str | list[str], t5_sequence_length: int = 512) -> PromptEmbedding:
+    def encode_prompt(self, prompt: str | list[str], t5_sequence_length: int | None = None) -> PromptEmbedding:
+        """T5 hidden states and CLIP pooled output; ``t5_sequence_length`` None: ``default_t5_sequence_length()``."""
         from ds_models_flux import FluxTextEncoders
 
+        if t5_sequence_length is None:
+            t5_sequence_length = self.default_t5_sequence_length()
         encoders = FluxTextEncoders(self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2)
         text, pooled = encoders.encode_prompt(prompt, t5_sequence_length)
         return PromptEmbedding(text.to(self.device, self.torch_dtype), pooled.to(self.device, self.torch_dtype))
@@ -260,7 +272,7 @@ class FluxImagePipeline(Pipeline):
 
         distilled_guidance = self.dit.config.guidance_embed  # dev-style models; schnell has no guidance embedding
         if t5_sequence_length is None:
-            t5_sequence_length = 512 if distilled_guidance else 256
+            t5_sequence_length = self.default_t5_sequence_length()
         template = "flux.1" if distilled_guidance else "flux.1-schnell"
         scheduler = FlowMatchScheduler(template)
         sequence_length = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)

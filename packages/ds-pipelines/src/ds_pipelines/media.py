@@ -1,4 +1,6 @@
-"""Images in and out: PIL <-> tensors in [-1, 1], and PNGs that carry how they were made, written atomically."""
+"""Images and videos in and out: PIL <-> tensors in [-1, 1], PNGs and mp4s that carry how they were made, written
+atomically. Video files go through imageio-ffmpeg, imported only when a video is read or written (the ``[video]``
+and ``[wan]`` extras install it)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,18 @@ from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
 
-__all__ = ["atomic_path", "format_parameters", "image_to_tensor", "save_image", "tensor_to_images"]
+__all__ = [
+    "VideoFrames",
+    "atomic_path",
+    "format_parameters",
+    "image_to_tensor",
+    "load_video",
+    "save_image",
+    "save_video",
+    "tensor_to_images",
+]
 
 
 def image_to_tensor(image: Image.Image, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -38,10 +50,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        # mkstemp makes the file private (0600); a finished output gets the permissions a plain open() would give.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def format_parameters(parameters: Mapping[str, object]) -> str:
@@ -73,3 +93,144 @@ def save_image(image: Image.Image, path: str | os.PathLike, parameters: Mapping[
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG", pnginfo=info)
     return path
+
+
+class VideoFrames(list):
+    """A list of PIL frames that also knows its frame rate and how it was made (``parameters``, JSON-able)."""
+
+    def __init__(self, frames=(), fps: float | None = None, parameters: Mapping[str, object] | None = None):
+        super().__init__(frames)
+        self.fps = fps
+        self.parameters = dict(parameters) if parameters else {}
+
+
+def _imageio_ffmpeg():
+    try:
+        import imageio_ffmpeg
+    except ImportError as error:  # the optional extra
+        raise ImportError(
+            "reading and writing video needs imageio-ffmpeg; install it with `pip install ds-pipelines[video]` "
+            "(or the model family's extra, e.g. `ds-pipelines[wan]`)"
+        ) from error
+    return imageio_ffmpeg
+
+
+def save_video(
+    frames: list[Image.Image],
+    path: str | os.PathLike,
+    fps: float | None = None,
+    metadata: Mapping[str, object] | None = None,
+    quality: float = 7,
+    progress_bar: bool = True,
+) -> Path:
+    """Write frames as an H.264 mp4 (yuv420p, plays everywhere), atomically, with the parameters in its metadata.
+
+    fps: frames per second; None takes the pipeline's (``VideoFrames.fps``: the model's native rate, 16 for Wan 2.1,
+        24 for Wan2.2-TI2V-5B). metadata: JSON-able generation parameters stored as the file's ``comment`` tag
+        (``ffprobe`` shows it); None takes ``VideoFrames.parameters``. quality: imageio-ffmpeg's 1-10 scale
+        (10 best; H.264 CRF ``51 * (1 - quality / 10)``). Width and height must be even (yuv420p halves chroma).
+    Nothing is left at ``path`` (nor beside it) when encoding fails.
+    """
+    if fps is None:
+        fps = getattr(frames, "fps", None)
+    if metadata is None:
+        metadata = getattr(frames, "parameters", None) or {}
+    frames = list(frames)
+    if not frames:
+        raise ValueError(f"save_video({path}): no frames to write")
+    if fps is None:
+        raise ValueError(f"save_video({path}): pass fps=... (these frames do not carry a frame rate)")
+    if not fps > 0:
+        raise ValueError(f"save_video({path}): fps={fps!r} must be > 0")
+    if not 1 <= quality <= 10:
+        raise ValueError(f"save_video({path}): quality={quality!r} must be between 1 and 10")
+    width, height = frames[0].size
+    if width % 2 or height % 2:
+        raise ValueError(f"save_video({path}): frames are {width}x{height}; H.264 yuv420p needs even sizes")
+    for index, frame in enumerate(frames):
+        if frame.size != (width, height):
+            raise ValueError(
+                f"save_video({path}): frame {index} is {frame.size[0]}x{frame.size[1]}, not {width}x{height}"
+            )
+    imageio_ffmpeg = _imageio_ffmpeg()
+    output_params = ["-f", "mp4", "-movflags", "+faststart"]
+    if metadata:
+        output_params += ["-metadata", f"comment={json.dumps(dict(metadata), default=str)}"]
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        writer = imageio_ffmpeg.write_frames(
+            str(temporary),
+            (width, height),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=quality,
+            macro_block_size=1,
+            ffmpeg_log_level="error",
+            output_params=output_params,
+        )
+        writer.send(None)
+        try:
+            for frame in tqdm(frames, desc="encoding video", unit="frame", disable=not progress_bar):
+                writer.send(frame.convert("RGB").tobytes())
+        finally:
+            writer.close()
+    return path
+
+
+def load_video(path: str | os.PathLike, max_frames: int | None = None) -> VideoFrames:
+    """Frames of a video file as RGB PIL images, with its ``fps`` and the JSON ``comment`` tag ``save_video`` wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    imageio_ffmpeg = _imageio_ffmpeg()
+    reader = imageio_ffmpeg.read_frames(str(path))
+    info = next(reader)
+    width, height = info["size"]
+    frames = VideoFrames(fps=info.get("fps"), parameters=_video_comment(imageio_ffmpeg, path))
+    try:
+        for data in reader:
+            frames.append(Image.frombytes("RGB", (width, height), data))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    finally:
+        reader.close()
+    return frames
+
+
+def _video_comment(imageio_ffmpeg, path: Path) -> dict:
+    """The ``comment`` tag as JSON ({} when absent or not JSON), through ffmpeg's metadata dump."""
+    import subprocess
+
+    result = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    for line in _unescape_ffmetadata(result.stdout):
+        if line.startswith("comment="):
+            try:
+                value = json.loads(line[len("comment=") :])
+            except json.JSONDecodeError:
+                return {}
+            return value if isinstance(value, dict) else {}
+    return {}
+
+
+def _unescape_ffmetadata(text: str) -> list[str]:
+    """Lines of an ffmetadata dump, with ffmpeg's backslash escapes (of = ; # \\ and newline) undone."""
+    lines, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "\n":
+            lines.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    lines.append("".join(current))
+    return lines

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FLOW_MATCH_TEMPLATES", "FlowMatchScheduler", "FlowMatchTemplate", "shift_sigmas"]
+__all__ = ["FLOW_MATCH_TEMPLATES", "FlowMatchScheduler", "FlowMatchTemplate", "FlowUniPCScheduler", "shift_sigmas"]
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -57,7 +57,10 @@ FLOW_MATCH_TEMPLATES: dict[str, FlowMatchTemplate] = {
     "flux.1": FlowMatchTemplate("flux.1", mu_points=((256, 0.5), (4096, 1.15))),
     # FLUX.1-schnell is sampled without the shift.
     "flux.1-schnell": FlowMatchTemplate("flux.1-schnell"),
-    # Wan-Video/Wan2.1 flow solvers: linspace(0.999, 0, N+1)[:-1], shifted (5 by default), then 0 appended.
+    # Wan-Video/Wan2.1 and Wan2.2 FlowUniPCMultistepScheduler (their default solver): its training grid
+    # 1 - linspace(1, 1/1000, 1000) runs from 0.999 to 0, so set_timesteps takes linspace(0.999, 0, N+1)[:-1],
+    # shifts it (5 by default; the per-release sample_shift), and appends a terminal 0 (final_sigmas_type
+    # "zero"). Their "dpm++" path starts at 1.0 instead (get_sampling_sigmas); we follow the default solver.
     "wan": FlowMatchTemplate("wan", sigma_max=0.999, shift=5.0, drop_terminal=True),
 }
 
@@ -75,6 +78,7 @@ class FlowMatchScheduler:
         self.template = FLOW_MATCH_TEMPLATES[template]
         self.sigmas = torch.zeros(0)
         self.timesteps = torch.zeros(0)
+        self._sigmas64 = torch.zeros(0, dtype=torch.float64)
 
     def set_timesteps(
         self,
@@ -104,9 +108,14 @@ class FlowMatchScheduler:
         sigmas = shift_sigmas(grid, shift)
         if template.drop_terminal:
             sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        self._sigmas64 = sigmas
         self.sigmas = sigmas.float()
         self.timesteps = self.sigmas[:-1]
         return self.timesteps
+
+    def model_timestep(self, index: int, scale: float = 1000.0) -> float:
+        """The timestep a model is called with at step ``index``: ``sigma * scale`` (FLUX.1 and Wan: 1000)."""
+        return float(self.timesteps[index]) * scale
 
     def step(self, velocity: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
         """One Euler step from ``sigmas[index]`` to ``sigmas[index + 1]``, computed in float32."""
@@ -150,3 +159,112 @@ class FlowMatchScheduler:
         grid = torch.exp(-2 * (torch.linspace(0, 1, 1001) - 0.5) ** 2)
         low = grid.min()
         return (weight - low) / (grid - low).mean()
+
+
+class FlowUniPCScheduler(FlowMatchScheduler):
+    """UniPC (Zhao et al. 2023) on flow-matching sigmas, as Wan's official ``FlowUniPCMultistepScheduler`` runs it.
+
+    The variant is fixed to the one Wan samples with: data (x0) prediction ``x0 = x - sigma * v``, the B(h) =
+    expm1(-h) ("bh2") coefficients, order 2 (``order``), the UniC corrector after every model call but the first,
+    and lower orders on the last steps. With ``alpha = 1 - sigma`` and ``lambda = log(alpha / sigma)``, a step
+    from ``s`` to ``t`` (``h = lambda_t - lambda_s``) predicts
+    ``x_t = (sigma_t / sigma_s) x_s - alpha_t expm1(-h) m_s - alpha_t expm1(-h) sum_k rho_k D_k``, where ``m`` are
+    the x0 predictions, ``D_k = (m_{s-k} - m_s) / r_k`` their divided differences over ``r_k = (lambda_{s-k} -
+    lambda_s) / h``, and ``rho`` solves UniPC's order conditions (0.5 for order 2). The corrector re-evaluates the
+    previous step with the new x0 prediction in the same form. The last step (to sigma 0) returns the x0 estimate.
+
+    Like the official solver it calls the model at integer timesteps: ``model_timestep`` is ``floor(sigma *
+    1000)`` of the float64 grid (its ``timesteps`` are int64), while the update uses the exact float32 sigmas.
+    """
+
+    def __init__(self, template: str = "wan", order: int = 2):
+        super().__init__(template)
+        if order not in (1, 2, 3):
+            raise ValueError(f"UniPC order={order!r} is not supported; use 1, 2 or 3")
+        self.order = order
+        self._reset()
+
+    def _reset(self) -> None:
+        self._x0: list[torch.Tensor] = []  # x0 predictions of the last ``order`` steps, oldest first
+        self._last_sample: torch.Tensor | None = None
+        self._last_order = 0
+
+    def set_timesteps(self, num_inference_steps: int, **kwargs: object) -> torch.Tensor:
+        timesteps = super().set_timesteps(num_inference_steps, **kwargs)
+        self._reset()
+        return timesteps
+
+    def model_timestep(self, index: int, scale: float = 1000.0) -> float:
+        return float(math.floor(float(self._sigmas64[index]) * scale))
+
+    def _lambda(self, index: int) -> float:
+        sigma = float(self.sigmas[index])
+        return math.inf if sigma == 0 else math.log(1 - sigma) - math.log(sigma)
+
+    def _update(
+        self,
+        sample: torch.Tensor,
+        source: int,
+        target: int,
+        history: list[torch.Tensor],
+        rhos: list[float],
+        newest: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``sigma_t/sigma_s x - alpha_t expm1(-h) m_s - alpha_t expm1(-h) (sum rho_k D_k [+ rho_last D_new])``."""
+        sigma_s, sigma_t = float(self.sigmas[source]), float(self.sigmas[target])
+        h = self._lambda(target) - self._lambda(source)
+        b_h = math.expm1(-h)
+        m_s = history[-1]
+        result = (sigma_t / sigma_s) * sample - (1 - sigma_t) * b_h * m_s
+        correction = None
+        for k, rho in enumerate(rhos, start=1):
+            if k < len(rhos) or newest is None:
+                r_k = (self._lambda(source - k) - self._lambda(source)) / h
+                term = rho / r_k * (history[-1 - k] - m_s)
+            else:
+                term = rho * (newest - m_s)
+            correction = term if correction is None else correction + term
+        if correction is not None:
+            result = result - (1 - sigma_t) * b_h * correction
+        return result
+
+    def _rhos(self, source: int, target: int, order: int, corrector: bool) -> list[float]:
+        """UniPC's weights: solve ``R rho = b`` with ``R[i, k] = r_k^i`` and ``b_i = i! phi_{i+1}(-h) / B(h)``."""
+        if order == 1 and not corrector:
+            return []
+        h = self._lambda(target) - self._lambda(source)
+        hh = -h
+        b_h = math.expm1(hh)
+        ratios = [(self._lambda(source - k) - self._lambda(source)) / h for k in range(1, order)] + [1.0]
+        phi, factorial, rhs = math.expm1(hh) / hh - 1, 1, []
+        for i in range(1, order + 1):
+            rhs.append(phi * factorial / b_h)
+            factorial *= i + 1
+            phi = phi / hh - 1 / factorial
+        if not corrector:  # the predictor's conditions leave out the newest point
+            if order == 2:
+                return [0.5]
+            ratios, rhs = ratios[:-1], rhs[:-1]
+        elif order == 1:
+            return [0.5]
+        matrix = torch.tensor([[r**i for r in ratios] for i in range(len(ratios))], dtype=torch.float64)
+        return torch.linalg.solve(matrix, torch.tensor(rhs, dtype=torch.float64)).tolist()
+
+    def step(self, velocity: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
+        """Correct the current sample with the new prediction, then predict ``sigmas[index + 1]`` (float32 math).
+
+        Steps must run in order from index 0 after ``set_timesteps``.
+        """
+        if index == 0:
+            self._reset()
+        x = sample.float()
+        x0 = x - float(self.sigmas[index]) * velocity.float()
+        if index > 0 and self._last_sample is not None:
+            rhos = self._rhos(index - 1, index, self._last_order, corrector=True)
+            x = self._update(self._last_sample, index - 1, index, self._x0, rhos, newest=x0)
+        self._x0 = [*self._x0, x0][-self.order :]
+        remaining = len(self.timesteps) - index
+        order = min(self.order, remaining, len(self._x0))
+        self._last_order, self._last_sample = order, x
+        rhos = self._rhos(index, index + 1, order, corrector=False)
+        return self._update(x, index, index + 1, self._x0, rhos, newest=None).to(sample.dtype)

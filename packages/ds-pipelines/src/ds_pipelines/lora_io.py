@@ -1,0 +1,311 @@
+"""Writing LoRA files in the formats the field reads: ComfyUI, kohya and diffusers, with alpha and metadata.
+
+A LoRA here is ``{layer: (down (r, in), up (out, r), alpha)}`` on a model's own layer names (for FLUX.1, BFL
+names such as ``double_blocks.0.img_attn.qkv``); its weight delta is ``alpha / r * up @ down``.
+
+- ``comfyui``: ``diffusion_model.<layer>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``.
+- ``kohya``: the same tensors under flat names ``lora_unet_<layer with dots as underscores>``.
+- ``diffusers``: ``transformer.<diffusers module>.lora_A.weight`` / ``lora_B.weight`` on the family's diffusers
+  names; a fused layer (FLUX.1 q/k/v) becomes one entry per part, sharing ``lora_A``. diffusers/peft files carry
+  no alpha tensors, so ``alpha / r`` is folded into ``lora_B`` (every loader then applies the same delta); the
+  trained alpha is still recorded in the metadata.
+
+Metadata follows kohya's ``ss_*`` keys and the Stability ``modelspec.*`` keys (base model, rank, alpha, trigger
+words, steps, resolution), which LoRA browsers and ComfyUI managers show. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .lora import KOHYA_PREFIX, LoraPiece, lora_layers, parse_lora, read_lora
+
+__all__ = [
+    "FORMATS",
+    "LoraWeights",
+    "convert_lora_file",
+    "lora_metadata",
+    "merge_lora_files",
+    "read_lora_layers",
+    "save_lora_file",
+]
+
+FORMATS = ("comfyui", "kohya", "diffusers")
+LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # layer -> (down, up, alpha)
+
+_ARCHITECTURES = {"flux.1": ("flux1", "flux-1-dev/lora")}
+
+
+def lora_metadata(
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+    *,
+    family: str = "flux.1",
+    base_model: str = "",
+    steps: int | str | None = None,
+    trigger_words: Iterable[str] | str = (),
+    resolution: str = "",
+    title: str = "",
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """``ss_*`` and ``modelspec.*`` metadata describing ``layers`` (rank and alpha taken from the tensors)."""
+    ranks = sorted({int(down.shape[0]) for down, _, _ in layers.values()})
+    alphas = sorted({float(alpha) for _, _, alpha in layers.values()})
+    rank = str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks)
+    alpha = _number(alphas[0]) if len(alphas) == 1 else json.dumps(alphas)
+    words = [trigger_words] if isinstance(trigger_words, str) else [w for w in trigger_words if w]
+    version, architecture = _ARCHITECTURES.get(family, (family, f"{family}/lora"))
+    metadata = {
+        "ss_network_module": "networks.lora_flux" if family == "flux.1" else "networks.lora",
+        "ss_network_dim": rank,
+        "ss_network_alpha": alpha,
+        "ss_base_model_version": version,
+        "ss_sd_model_name": base_model,
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux" if family == "flux.1" else "",
+        "modelspec.title": title or "LoRA",
+        "modelspec.date": datetime.date.today().isoformat(),
+        "modelspec.trigger_phrase": ", ".join(words),
+        "modelspec.resolution": resolution,
+        "modelspec.base_model": base_model,
+        "ds.rank": rank,
+        "ds.alpha": alpha,
+    }
+    if steps is not None:
+        metadata["ss_steps"] = metadata["ss_max_train_steps"] = str(steps)
+    if resolution:
+        metadata["ss_resolution"] = f"({resolution.replace('x', ',')})"
+    for key, value in (extra or {}).items():
+        metadata[key] = str(value)
+    return {key: value for key, value in metadata.items() if value != ""}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _family_diffusers_names(family: str) -> tuple[Callable[[str], list[str] | None], Callable[[str], object]]:
+    if family != "flux.1":
+        raise ValueError(f"diffusers LoRA names are known for FLUX.1 only, not {family!r}")
+    from ds_models_flux.lora import diffusers_lora_names, diffusers_lora_target
+
+    return diffusers_lora_names, diffusers_lora_target
+
+
+def lora_state_dict(
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], format: str, family: str = "flux.1"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file in ``format`` (see the module docstring)."""
+    if format not in FORMATS:
+        raise ValueError(f"LoRA format {format!r}; use one of {', '.join(FORMATS)}")
+    state: dict[str, torch.Tensor] = {}
+    if format in ("comfyui", "kohya"):
+        for layer, (down, up, alpha) in layers.items():
+            name = f"diffusion_model.{layer}" if format == "comfyui" else KOHYA_PREFIX + layer.replace(".", "_")
+            state[f"{name}.lora_down.weight"] = down.contiguous()
+            state[f"{name}.lora_up.weight"] = up.contiguous()
+            state[f"{name}.alpha"] = torch.tensor(float(alpha))
+        return state
+    names_of, target_of = _family_diffusers_names(family)
+    for layer, (down, up, alpha) in layers.items():
+        names = names_of(layer)
+        if not names:
+            raise ValueError(f"layer {layer!r} has no diffusers name; save this LoRA as comfyui or kohya")
+        scaled = up.float() * (float(alpha) / down.shape[0])
+        out_features, in_features = scaled.shape[0], down.shape[1]
+        for name in names:
+            target = target_of(name)
+            rows = scaled
+            if target.part is not None:
+                sizes = target.part_sizes(out_features, in_features)
+                start = sum(sizes[: target.part])
+                rows = scaled[start : start + sizes[target.part]]
+            if target.swap_halves:
+                first, second = rows.chunk(2, dim=0)
+                rows = torch.cat([second, first])
+            state[f"transformer.{name}.lora_A.weight"] = down.to(up.dtype).clone()  # parts share no storage
+            state[f"transformer.{name}.lora_B.weight"] = rows.to(up.dtype).contiguous()
+    return state
+
+
+def save_lora_file(
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+    path: str | os.PathLike,
+    *,
+    format: str = "comfyui",
+    family: str = "flux.1",
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``{layer: (down, up, alpha)}`` as a ``.safetensors`` LoRA in ``format``, atomically.
+
+    ``metadata`` values are strings; ``base_model``, ``steps``, ``trigger_words``, ``resolution`` and ``title``
+    are expanded into the ``ss_*``/``modelspec.*`` keys, any other key is stored as given. ``dtype`` casts the
+    tensors (None: as given, typically float32).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are written as .safetensors")
+    if not layers:
+        raise ValueError("save_lora_file: no LoRA layers to write")
+    given = dict(metadata or {})
+    known = {
+        key: given.pop(key) for key in ("base_model", "steps", "trigger_words", "resolution", "title") if key in given
+    }
+    if isinstance(known.get("trigger_words"), str):
+        known["trigger_words"] = [w.strip() for w in known["trigger_words"].split(",")]
+    header = lora_metadata(layers, family=family, extra=given, **known)
+    if format == "diffusers":
+        header["ds.alpha_folded_into_lora_B"] = "true"
+    header["ds.format"] = format
+    state = lora_state_dict(layers, format, family)
+    if dtype is not None:
+        state = {k: v.to(dtype) if not k.endswith(".alpha") else v for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(temporary), metadata=header)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def read_lora_layers(
+    path: str | os.PathLike, *, model: nn.Module | None = None, family: str = "flux.1"
+) -> LoraWeights:
+    """Any LoRA file as ``{layer: (down, up, alpha)}`` on the family's own layer names.
+
+    With ``model`` the layers are matched to it (as ``pipe.load_lora`` does; q/k/v parts are stacked along the
+    rank). Without it, names come from the family's naming rules and fused layers need all their parts.
+    """
+    pieces, unknown = parse_lora(read_lora(path))
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} keys are not LoRA tensors (first: {unknown[:3]})")
+    if model is not None:
+        family_targets = _family_diffusers_names(family)[1] if family == "flux.1" else None
+        layers, unmatched = lora_layers(pieces, model, family_targets)
+        if unmatched:
+            raise ValueError(f"{path}: modules {unmatched[:3]} match no layer of {type(model).__name__}")
+        return {name: (down, up, float(down.shape[0])) for name, (down, up) in layers.items()}
+    return _layers_by_name(pieces, family, path)
+
+
+def _layers_by_name(pieces: Mapping[str, LoraPiece], family: str, path: object) -> LoraWeights:
+    from ds_models_flux.lora import bfl_layer_from_flat, diffusers_lora_target
+
+    layers: LoraWeights = {}
+    fused: dict[str, list[tuple[object, LoraPiece]]] = {}
+    for module, piece in pieces.items():
+        rank = piece.down.shape[0]
+        alpha = float(piece.alpha) if piece.alpha is not None else float(rank)
+        if module.startswith(KOHYA_PREFIX):
+            layer = bfl_layer_from_flat(module[len(KOHYA_PREFIX) :])
+            if layer is None:
+                raise ValueError(f"{path}: {module} is not a {family} layer")
+            layers[layer] = (piece.down.float(), piece.up.float(), alpha)
+            continue
+        target = diffusers_lora_target(module)
+        if target is None:
+            if bfl_layer_from_flat(module.replace(".", "_")) == module:
+                layers[module] = (piece.down.float(), piece.up.float(), alpha)
+                continue
+            raise ValueError(f"{path}: {module} is not a {family} layer")
+        if target.part is None and not target.swap_halves:
+            layers[target.layer] = (piece.down.float(), piece.up.float(), alpha)
+        else:
+            fused.setdefault(target.layer, []).append((target, piece))
+    for layer, items in fused.items():
+        layers[layer] = _stack_parts(layer, items, path)
+    return layers
+
+
+def _stack_parts(layer: str, items: list, path: object) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """diffusers parts of one fused layer (all of them needed, to know its size) as one stacked-rank LoRA."""
+    target0 = items[0][0]
+    if target0.part is None:  # a swapped whole layer (FLUX.1 norm_out)
+        piece = items[0][1]
+        scale = (piece.alpha / piece.down.shape[0]) if piece.alpha is not None else 1.0
+        first, second = piece.up.float().chunk(2, dim=0)
+        return piece.down.float() * scale, torch.cat([second, first]), float(piece.down.shape[0])
+    by_part = {target.part: piece for target, piece in items}
+    rows = [by_part[p].up.shape[0] if p in by_part else None for p in range(max(by_part) + 1)]
+    out_features, in_features = sum(r for r in rows if r), items[0][1].down.shape[1]
+    sizes = target0.part_sizes(out_features, in_features)
+    if len(by_part) != len(sizes) or [by_part[p].up.shape[0] for p in range(len(sizes))] != sizes:
+        raise ValueError(
+            f"{path}: layer {layer} has only parts {sorted(by_part)} of {len(sizes)}; pass model= to convert it"
+        )
+    downs, ups, offset = [], [], 0
+    total = sum(by_part[p].down.shape[0] for p in range(len(sizes)))
+    for part in range(len(sizes)):
+        piece = by_part[part]
+        rank = piece.down.shape[0]
+        scale = (piece.alpha / rank) if piece.alpha is not None else 1.0
+        downs.append(piece.down.float() * scale)
+        up = torch.zeros(out_features, total)
+        start = sum(sizes[:part])
+        up[start : start + sizes[part], offset : offset + rank] = piece.up.float()
+        ups.append(up)
+        offset += rank
+    down = torch.cat(downs)
+    return down, sum(ups), float(down.shape[0])
+
+
+def convert_lora_file(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    to: str = "comfyui",
+    *,
+    model: nn.Module | None = None,
+    family: str = "flux.1",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Rewrite a LoRA file (any format ``pipe.load_lora`` reads) in format ``to``; the weight delta is unchanged.
+
+    The source's metadata is kept (updated rank/alpha keys are recomputed); ``metadata`` adds or replaces keys.
+    """
+    from ds_vram import read_safetensors_header
+
+    source = Path(source)
+    layers = read_lora_layers(source, model=model, family=family)
+    kept: dict[str, str] = {}
+    if source.suffix == ".safetensors":
+        kept = {k: v for k, v in read_safetensors_header(source)[1].items() if not k.startswith("ds.")}
+        for key in ("ss_network_dim", "ss_network_alpha"):
+            kept.pop(key, None)
+    return save_lora_file(layers, target, format=to, family=family, metadata={**kept, **(metadata or {})})
+
+
+def merge_lora_files(
+    sources: Iterable[tuple[str | os.PathLike, float]],
+    target: str | os.PathLike,
+    to: str = "comfyui",
+    *,
+    model: nn.Module | None = None,
+    family: str = "flux.1",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """One LoRA whose delta is the weighted sum of several: ranks are concatenated, so the sum is exact."""
+    merged: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for path, scale in sources:
+        for layer, (down, up, alpha) in read_lora_layers(path, model=model, family=family).items():
+            merged.setdefault(layer, []).append((down * (alpha / down.shape[0]) * scale, up))
+    if not merged:
+        raise ValueError("merge_lora_files: no sources given")
+    layers = {}
+    for layer, parts in merged.items():
+        down = torch.cat([d for d, _ in parts])
+        up = torch.cat([u for _, u in parts], dim=1)
+        layers[layer] = (down, up, float(down.shape[0]))
+    return save_lora_file(layers, target, format=to, family=family, metadata=metadata)
