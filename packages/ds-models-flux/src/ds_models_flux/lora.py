@@ -11,7 +11,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["DIFFUSERS_LORA_TARGETS", "LoraTarget", "diffusers_lora_target"]
+__all__ = [
+    "DIFFUSERS_LORA_TARGETS",
+    "LoraTarget",
+    "bfl_layer_from_flat",
+    "diffusers_lora_names",
+    "diffusers_lora_target",
+]
 
 PartSizes = Callable[[int, int], list[int]]  # (out_features, in_features) -> output rows of each part
 
@@ -88,4 +94,63 @@ def diffusers_lora_target(module_name: str) -> LoraTarget | None:
         if match:
             layer = template.format(**match.groupdict())
             return LoraTarget(layer, None if part is None else part(match), sizes, swap)
+    return None
+
+
+# Our layer -> the diffusers module names that cover it (in part order); the inverse of DIFFUSERS_LORA_TARGETS.
+_BFL_TO_DIFFUSERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"img_in", ("x_embedder",)),
+    (r"txt_in", ("context_embedder",)),
+    (r"time_in\.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+    (r"time_in\.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+    (r"vector_in\.in_layer", ("time_text_embed.text_embedder.linear_1",)),
+    (r"vector_in\.out_layer", ("time_text_embed.text_embedder.linear_2",)),
+    (r"guidance_in\.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+    (r"guidance_in\.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+    (r"final_layer\.adaLN_modulation\.1", ("norm_out.linear",)),
+    (r"final_layer\.linear", ("proj_out",)),
+    (r"double_blocks\.(?P<i>\d+)\.img_mod\.lin", ("transformer_blocks.{i}.norm1.linear",)),
+    (r"double_blocks\.(?P<i>\d+)\.txt_mod\.lin", ("transformer_blocks.{i}.norm1_context.linear",)),
+    (
+        r"double_blocks\.(?P<i>\d+)\.img_attn\.qkv",
+        tuple(f"transformer_blocks.{{i}}.attn.to_{p}" for p in "qkv"),
+    ),
+    (
+        r"double_blocks\.(?P<i>\d+)\.txt_attn\.qkv",
+        tuple(f"transformer_blocks.{{i}}.attn.add_{p}_proj" for p in "qkv"),
+    ),
+    (r"double_blocks\.(?P<i>\d+)\.img_attn\.proj", ("transformer_blocks.{i}.attn.to_out.0",)),
+    (r"double_blocks\.(?P<i>\d+)\.txt_attn\.proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+    (r"double_blocks\.(?P<i>\d+)\.img_mlp\.0", ("transformer_blocks.{i}.ff.net.0.proj",)),
+    (r"double_blocks\.(?P<i>\d+)\.img_mlp\.2", ("transformer_blocks.{i}.ff.net.2",)),
+    (r"double_blocks\.(?P<i>\d+)\.txt_mlp\.0", ("transformer_blocks.{i}.ff_context.net.0.proj",)),
+    (r"double_blocks\.(?P<i>\d+)\.txt_mlp\.2", ("transformer_blocks.{i}.ff_context.net.2",)),
+    (r"single_blocks\.(?P<i>\d+)\.modulation\.lin", ("single_transformer_blocks.{i}.norm.linear",)),
+    (
+        r"single_blocks\.(?P<i>\d+)\.linear1",
+        (*(f"single_transformer_blocks.{{i}}.attn.to_{p}" for p in "qkv"), "single_transformer_blocks.{i}.proj_mlp"),
+    ),
+    (r"single_blocks\.(?P<i>\d+)\.linear2", ("single_transformer_blocks.{i}.proj_out",)),
+)
+_BFL_COMPILED = [(re.compile(pattern), names) for pattern, names in _BFL_TO_DIFFUSERS]
+# Flat (kohya) names: the same layers with dots as underscores, e.g. double_blocks_0_img_attn_qkv.
+_FLAT_COMPILED = [(re.compile(pattern.replace(r"\.", "_")), pattern) for pattern, _ in _BFL_TO_DIFFUSERS]
+
+
+def diffusers_lora_names(layer: str) -> list[str] | None:
+    """The diffusers module names a LoRA on our ``layer`` is saved under (several for fused q/k/v), or None."""
+    for pattern, names in _BFL_COMPILED:
+        match = pattern.fullmatch(layer)
+        if match:
+            return [name.format(**match.groupdict()) for name in names]
+    return None
+
+
+def bfl_layer_from_flat(flat: str) -> str | None:
+    """Our layer name for a kohya flat name without its ``lora_unet_`` prefix (``double_blocks_0_img_attn_qkv``)."""
+    for flat_pattern, pattern in _FLAT_COMPILED:
+        match = flat_pattern.fullmatch(flat)
+        if match:
+            template = pattern.replace(r"\.", ".").replace(r"(?P<i>\d+)", "{i}")
+            return template.format(**match.groupdict())
     return None

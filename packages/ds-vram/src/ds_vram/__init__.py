@@ -5,6 +5,7 @@ in a dtype of the user's choosing (down to FP8 with per-channel scales), and com
 """
 
 from .config import VRAMConfig
+from .estimate import WeightEstimate, estimate_weights
 from .fp8 import quantize_fp8
 from .lora import LoraAdapter
 from .manager import VRAMHandle, enable_vram_management, get_vram_handle
@@ -20,8 +21,10 @@ __all__ = [
     "VRAMConfig",
     "VRAMHandle",
     "VRAMReport",
+    "WeightEstimate",
     "WeightSource",
     "enable_vram_management",
+    "estimate_weights",
     "get_vram_handle",
     "quantize_fp8",
     "read_safetensors_header",

@@ -17,7 +17,7 @@ __all__ = ["LoraAdapter"]
 
 @dataclass
 class LoraAdapter:
-    """``down`` (rank, in_features[, *kernel]) then ``up`` (out_features, rank[, 1, ...]), times ``scale``.
+    """``down`` ``(rank, in_features[, *kernel])`` then ``up`` ``(out_features, rank[, 1, ...])``, times ``scale``.
 
     For a Conv layer ``down`` is a convolution with the layer's kernel, stride, padding and dilation, and
     ``up`` a 1x1 convolution, so the fused equivalent is ``W + scale * (up.flatten(1) @ down.flatten(1))``.
