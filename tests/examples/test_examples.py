@@ -1,0 +1,184 @@
+"""Each script in examples/ runs top to bottom against tiny local models, with tiny sizes and few steps.
+
+Each script runs from its own source file as ``__main__`` with its own ``sys.argv`` (``runpy``), top to bottom,
+imports included, exactly as ``python examples/<family>/<script>.py ...`` runs it; but in this process, because a
+fresh interpreter costs 15-20 s of imports on a 2-core machine, which the examples together cannot afford.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+FLUX_TINY = ["--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
+WAN_TINY = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "2", "--device", "cpu"]
+
+
+def run_example(script: str, *args: object, monkeypatch: pytest.MonkeyPatch) -> dict:
+    path = EXAMPLES / script
+    monkeypatch.setattr(sys, "argv", [str(path), *map(str, args)])
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")  # a script that reached for a preset fails, not downloads
+    return runpy.run_path(str(path), run_name="__main__")
+
+
+def video_frame_count(path: Path) -> int:
+    import imageio_ffmpeg
+
+    frames, _seconds = imageio_ffmpeg.count_frames_and_secs(str(path))
+    return frames
+
+
+def test_flux_inference(flux_files, tmp_path, monkeypatch):
+    output = tmp_path / "flux.png"
+    run_example(
+        "flux/inference.py", "--model", flux_files.bfl_repo, "--output", output, *FLUX_TINY, monkeypatch=monkeypatch
+    )
+    with Image.open(output) as image:
+        assert image.size == (64, 64)
+        assert json.loads(image.info["diffsynth"])["steps"] == 2
+
+
+def test_flux_low_vram_inference_streams_from_disk(flux_files, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "low.png"
+    namespace = run_example(
+        "flux/low_vram_inference.py",
+        "--model",
+        flux_files.bfl_repo,
+        "--output",
+        output,
+        "--vram-limit",
+        "0",
+        "--storage",
+        "disk",
+        *FLUX_TINY,
+        monkeypatch=monkeypatch,
+    )
+    report = namespace["report"]
+    assert report.resident_bytes < report.streamed_bytes  # vram_limit 0: the DiT's layers stream
+    assert {layer.storage for layer in report.layers} >= {"disk"}
+    assert output.is_file() and "GiB streamed" in capsys.readouterr().out
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Four 32x32 images with captions: the layout examples/flux/*_training.py document."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index, color in enumerate(("red", "green", "blue", "white")):
+        Image.new("RGB", (32, 32), color).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(f"a {color} square")
+    return folder
+
+
+def test_flux_lora_training(flux_files, dataset, tmp_path, monkeypatch):
+    from ds_pipelines import inspect_lora
+
+    output = tmp_path / "run"
+    run_example(
+        "flux/lora_training.py",
+        "--model",
+        flux_files.bfl_repo,
+        "--data",
+        dataset,
+        "--output",
+        output,
+        "--trigger",
+        "sks",
+        "--steps",
+        "2",
+        "--rank",
+        "4",
+        "--size",
+        "32",
+        "--mixed-precision",
+        "no",
+        "--device",
+        "cpu",
+        monkeypatch=monkeypatch,
+    )
+    info = inspect_lora(output / "lora.safetensors")
+    assert info.format == "comfyui" and set(info.ranks) == {4}
+    assert info.metadata["ss_network_dim"] == "4"
+    with Image.open(output / "sample.png") as image:
+        assert image.size == (32, 32)
+
+
+def test_flux_full_training(flux_files, dataset, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    namespace = run_example(
+        "flux/full_training.py",
+        "--model",
+        flux_files.bfl_repo,
+        "--data",
+        dataset,
+        "--output",
+        output,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--size",
+        "32",
+        "--mixed-precision",
+        "no",
+        "--device",
+        "cpu",
+        monkeypatch=monkeypatch,
+    )
+    assert namespace["result"].weights_path == output / "dit.safetensors"
+    assert namespace["result"].steps == 2
+    with Image.open(output / "sample.png") as image:
+        assert image.size == (32, 32)
+
+
+def test_wan_text_to_video(wan_files, tmp_path, monkeypatch):
+    output = tmp_path / "t2v.mp4"
+    run_example(
+        "wan/text_to_video.py", "--model", wan_files.t2v, "--output", output, *WAN_TINY, monkeypatch=monkeypatch
+    )
+    assert video_frame_count(output) == 5
+
+
+def test_wan_image_to_video(wan_files, tmp_path, monkeypatch):
+    image, output = tmp_path / "first.png", tmp_path / "i2v.mp4"
+    Image.linear_gradient("L").resize((48, 40)).convert("RGB").save(image)
+    run_example(
+        "wan/image_to_video.py",
+        "--model",
+        wan_files.i2v,
+        "--image",
+        image,
+        "--output",
+        output,
+        *WAN_TINY,
+        monkeypatch=monkeypatch,
+    )
+    assert video_frame_count(output) == 5
+
+
+def test_wan_low_vram_inference(wan_files, tmp_path, monkeypatch):
+    output = tmp_path / "low.mp4"
+    namespace = run_example(
+        "wan/low_vram_inference.py",
+        "--model",
+        wan_files.t2v,
+        "--output",
+        output,
+        "--vram-limit",
+        "0",
+        "--storage",
+        "cpu",
+        *WAN_TINY,
+        monkeypatch=monkeypatch,
+    )
+    from ds_vram import get_vram_handle
+
+    report = get_vram_handle(namespace["pipe"].dit).report()
+    assert report.storage == "cpu" and report.streamed_bytes > 0
+    assert video_frame_count(output) == 5
