@@ -1,0 +1,47 @@
+"""ds-train: LoRA and full fine-tuning of diffusion models on accelerate, from one GPU to many.
+
+``train(TrainingConfig(...))`` runs a whole fine-tuning job; the parts it is made of (datasets, the family
+training adapter, peft LoRA injection, checkpointing, caching, logs) are importable on their own.
+"""
+
+from ds_pipelines.lora_io import convert_lora_file, merge_lora_files, read_lora_layers, save_lora_file
+
+from .cache import build_cache, encode_sample, load_cached
+from .config import TrainingConfig, TrainingResult
+from .data import BrokenRow, DatasetError, ImageDataset, bucket_size
+from .family import ADAPTERS, FluxTrainingAdapter, TrainingAdapter, get_adapter
+from .loop import train
+from .lora import add_lora, load_lora_state, lora_state, resolve_targets
+from .memory import MemoryEstimate, estimate_training_memory
+from .parts import BatchPlan, enable_gradient_checkpointing, make_lr_scheduler, make_optimizer
+
+__all__ = [
+    "ADAPTERS",
+    "BatchPlan",
+    "BrokenRow",
+    "DatasetError",
+    "FluxTrainingAdapter",
+    "ImageDataset",
+    "MemoryEstimate",
+    "TrainingAdapter",
+    "TrainingConfig",
+    "TrainingResult",
+    "add_lora",
+    "bucket_size",
+    "build_cache",
+    "convert_lora_file",
+    "enable_gradient_checkpointing",
+    "encode_sample",
+    "estimate_training_memory",
+    "get_adapter",
+    "load_cached",
+    "load_lora_state",
+    "lora_state",
+    "make_lr_scheduler",
+    "make_optimizer",
+    "merge_lora_files",
+    "read_lora_layers",
+    "resolve_targets",
+    "save_lora_file",
+    "train",
+]
