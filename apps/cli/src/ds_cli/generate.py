@@ -1,0 +1,208 @@
+"""``diffsynth generate``: images (FLUX.1) and videos (Wan) from a preset, a model id, a folder or files."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+
+from ds_cli.common import UsageError, formatter, free_paths
+
+EXAMPLES = """examples:
+  diffsynth generate --prompt "a handwritten digit 7" -o seven.png          # built-in demo model, offline
+  diffsynth generate --prompt "a handwritten digit 3" -o three.png --count 4 --seed 10   # seeds 10..13
+  diffsynth generate --model flux.1-dev --prompt "a lighthouse at dawn" -o lighthouse.png
+  diffsynth generate --model ./FLUX.1-schnell --prompt "a cat" --steps 4 --vram-limit 6 --fp8
+  diffsynth generate --model flux.1-dev --prompt "ink style" --lora ink.safetensors:0.8 --lora paper.safetensors
+  diffsynth generate --model flux.1-dev --prompt "in winter" --input-image summer.png --strength 0.6
+  diffsynth generate --model wan2.1-t2v-1.3b --prompt "waves at night" -o waves.mp4 --frames 33 --storage disk
+
+Output files are never overwritten unless --overwrite: seven.png exists, so the next one is seven-1.png.
+Every file carries its parameters (PNG text chunks "parameters" and "diffsynth"; the mp4 "comment" tag).
+"""
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _lora(value: str) -> tuple[str, float]:
+    """``path[:scale]``; a path containing ':' (a Windows drive) without a scale keeps scale 1."""
+    path, _, scale = value.rpartition(":")
+    if not path or not scale:
+        return value, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        return value, 1.0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate images or videos from a prompt", epilog=EXAMPLES, **formatter()
+    )
+    parser.add_argument(
+        "--model", help="preset (flux.1-dev, wan2.1-t2v-1.3b), model id, local folder or file (default: demo-digits)"
+    )
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("-o", "--output", type=Path, help="a .png (images) or .mp4 (videos); default output.png/.mp4")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files instead of numbering")
+    parser.add_argument("--count", type=int, default=1, help="how many to make, seeds counting up from --seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    parser.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the model's)")
+    parser.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the model's)")
+    parser.add_argument("--frames", type=int, help="video frames, 4k+1 (default: the model's)")
+    parser.add_argument("--fps", type=float, help="video frame rate (default: the model's native rate)")
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance (1: off; default: the model's)")
+    parser.add_argument("--guidance", type=float, help="FLUX.1 embedded guidance (dev: 3.5)")
+    parser.add_argument("--sigma-shift", type=float, help="flow-matching shift (default: the model's)")
+    parser.add_argument("--input-image", type=Path, help="start from this image (image-to-image, image-to-video)")
+    parser.add_argument("--input-video", type=Path, help="start from this video (video-to-video)")
+    parser.add_argument("--strength", type=float, default=1.0, help="denoising strength with an input, in (0, 1]")
+    parser.add_argument(
+        "--lora", action="append", type=_lora, default=[], metavar="PATH[:SCALE]", help="apply a LoRA (repeatable)"
+    )
+    parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="computation dtype (default %(default)s)")
+    parser.add_argument("--vram-limit", type=float, help="GiB of weights kept on the GPU; the rest is streamed")
+    parser.add_argument("--fp8", action="store_true", help="store weights in FP8 (e4m3fn, per-channel scales)")
+    parser.add_argument(
+        "--storage",
+        choices=("device", "cpu", "disk"),
+        help="where weights sit between uses (default: cpu with --vram-limit or --fp8, else the device)",
+    )
+    parser.add_argument("--tiled", action="store_true", help="tiled VAE encode and decode (less memory)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _vram_config(args: argparse.Namespace, dtype: object) -> object | None:
+    if args.vram_limit is None and not args.fp8 and args.storage is None:
+        return None
+    from ds_vram import VRAMConfig
+
+    if args.vram_limit is not None and args.storage == "device":
+        raise UsageError("--vram-limit streams weights from CPU RAM or disk; use --storage cpu or disk with it")
+    return VRAMConfig(
+        storage=args.storage or "cpu",
+        storage_dtype="fp8" if args.fp8 else None,
+        computation_device=args.device,
+        computation_dtype=dtype,
+        vram_limit=args.vram_limit,
+    )
+
+
+def _check(args: argparse.Namespace, kind: str) -> Path:
+    """Usage errors before anything loads; returns the output path."""
+    suffix = ".mp4" if kind == "video" else ".png"
+    output = args.output or Path(f"output{suffix}")
+    if output.suffix.lower() != suffix:
+        what = "videos are written as mp4" if kind == "video" else "images are written as PNG"
+        raise UsageError(f"--output {output}: {what}; use a {suffix} name")
+    for name in ("count", "steps", "height", "width", "frames"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} {value}: must be at least 1")
+    if not 0 < args.strength <= 1:
+        raise UsageError(f"--strength {args.strength}: must be in (0, 1]")
+    if args.strength != 1 and args.input_image is None and args.input_video is None:
+        raise UsageError("--strength needs --input-image or --input-video to start from")
+    if args.fps is not None and args.fps <= 0:
+        raise UsageError(f"--fps {args.fps}: must be > 0")
+    if kind == "image" and (args.frames is not None or args.fps is not None or args.input_video is not None):
+        raise UsageError("--frames, --fps and --input-video are for video models; this model makes images")
+    _check_files(args)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"--output {output}: the folder {output.parent} does not exist")
+    return output
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    for name in ("input_image", "input_video"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
+    for path, _ in args.lora:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--lora {path}: no such file")
+
+
+def _options(args: argparse.Namespace, pipe: object, defaults: dict[str, object]) -> dict[str, object]:
+    """Call options: the preset's defaults, then what the user set; refuses what the pipeline cannot take."""
+    given = {
+        "negative_prompt": args.negative_prompt or None,
+        "num_inference_steps": args.steps,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.frames,
+        "cfg_scale": args.cfg_scale,
+        "embedded_guidance": args.guidance,
+        "sigma_shift": args.sigma_shift,
+        "denoising_strength": args.strength if args.strength != 1 else None,
+        "tiled": args.tiled or None,
+    }
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    flags = {"num_inference_steps": "--steps", "num_frames": "--frames", "embedded_guidance": "--guidance"}
+    for name, value in given.items():
+        if value is not None and name not in accepted:
+            flag = flags.get(name, "--" + name.replace("_", "-").replace("denoising-", ""))
+            raise UsageError(f"{flag} is not an option of {type(pipe).__name__}")
+    options = {k: v for k, v in defaults.items() if k in accepted}
+    options.update({k: v for k, v in given.items() if v is not None})
+    return options
+
+
+def _inputs(args: argparse.Namespace, pipe: object) -> dict[str, object]:
+    from PIL import Image
+
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    inputs: dict[str, object] = {}
+    if args.input_image is not None:
+        if "input_image" not in accepted:
+            raise UsageError(f"--input-image is not an option of {type(pipe).__name__}")
+        with Image.open(args.input_image) as image:
+            inputs["input_image"] = image.convert("RGB")
+    if args.input_video is not None:
+        if "input_video" not in accepted:
+            raise UsageError(f"--input-video is not an option of {type(pipe).__name__}")
+        from ds_pipelines.media import load_video
+
+        inputs["input_video"] = load_video(args.input_video)
+    return inputs
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import ds_pipelines
+    from ds_pipelines import pipeline_for, preset_defaults, save_image
+
+    model = args.model or ds_pipelines.catalog.DEFAULT_MODEL
+    class_name, kind = pipeline_for(model)
+    output = _check(args, kind)
+    pipeline_class = getattr(ds_pipelines, class_name, None)
+    if pipeline_class is None:
+        raise RuntimeError(f"{model} needs {class_name}, which this ds-pipelines does not have yet; update it")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    pipe = pipeline_class.from_pretrained(
+        model, torch_dtype=dtype, device=args.device, vram=_vram_config(args, dtype), progress_bar=not args.quiet
+    )
+    options = _options(args, pipe, preset_defaults(model))
+    options.update(_inputs(args, pipe))
+    for path, scale in args.lora:
+        pipe.load_lora(path, scale=scale)
+    extra = {"model": str(model)}
+    if args.lora:
+        extra["loras"] = [{"file": Path(path).name, "scale": scale} for path, scale in args.lora]
+    for index, path in enumerate(free_paths(output, args.count, args.overwrite)):
+        result = pipe(args.prompt, seed=args.seed + index, **options)
+        if kind == "video":
+            from ds_pipelines import save_video
+
+            metadata = {**getattr(result, "parameters", {}), **extra}
+            save_video(result, path, fps=args.fps, metadata=metadata, progress_bar=not args.quiet)
+        else:
+            parameters = {**json.loads(result.info.get("diffsynth", "{}")), **extra}
+            save_image(result, path, parameters)
+        print(path, flush=True)
+    return 0

@@ -1,0 +1,86 @@
+"""``diffsynth models list | download | inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ds_cli.common import formatter, gib, table
+
+EXAMPLES = """examples:
+  diffsynth models list                      # every preset of every installed family, sizes, memory needs
+  diffsynth models list --height 512 --width 512
+  diffsynth models download flux.1-schnell   # into $DIFFSYNTH_MODEL_BASE_PATH (default ./models)
+  diffsynth models download flux.1-dev --source huggingface
+  diffsynth models inspect flux1-dev.safetensors
+
+Memory columns are estimates for one generation at the model's default size (see "diffsynth vram --help"):
+  resident  every model on the GPU in bf16          (no flags)
+  offload   one model at a time in bf16             (--storage cpu)
+  fp8       one model at a time, weights in FP8     (--fp8)
+  stream    layers fetched as they run              (--vram-limit 0 --fp8)
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list, download and inspect models", epilog=EXAMPLES, **formatter())
+    commands = parser.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    listing = commands.add_parser(
+        "list", help="presets with sizes and the memory each VRAM setting needs", epilog=EXAMPLES, **formatter()
+    )
+    listing.add_argument("--family", action="append", help="only this family (flux, wan; repeatable)")
+    listing.add_argument("--height", type=int, help="size the estimates for this height (default: the model's)")
+    listing.add_argument("--width", type=int, help="size the estimates for this width (default: the model's)")
+    listing.add_argument("--frames", type=int, help="size video estimates for this many frames")
+    download = commands.add_parser("download", help="fetch a preset's files", epilog=EXAMPLES, **formatter())
+    download.add_argument("name", help="a preset name or model id (see: diffsynth models list)")
+    download.add_argument(
+        "--source", choices=("modelscope", "huggingface"), help="default: $DIFFSYNTH_DOWNLOAD_SOURCE"
+    )
+    inspect = commands.add_parser(
+        "inspect", help="what ds-loader detects in a checkpoint, as a table", epilog=EXAMPLES, **formatter()
+    )
+    inspect.add_argument("path", type=Path, help="a .safetensors file, a sharded index, or a model folder")
+
+
+def _list(args: argparse.Namespace) -> int:
+    from ds_pipelines import MEMORY_SETTINGS, estimate_memory, list_models
+
+    entries = list_models(tuple(args.family) if args.family else None)
+    if not entries:
+        raise RuntimeError("no models found: install a family package (ds-models-flux, ds-models-wan)")
+    rows = [("name", "family", "kind", "params", "bf16 weights", *MEMORY_SETTINGS)]
+    for entry in entries:
+        needs = [estimate_memory(entry, s, args.height, args.width, args.frames) for s in MEMORY_SETTINGS]
+        params = f"{entry.parameters / 1e9:.2f}B" if entry.components else "?"
+        size = gib(entry.bf16_bytes) if entry.components else "?"
+        rows.append((entry.name, entry.family, entry.kind, params, size, *map(gib, needs)))
+    print(table(rows, right=range(3, 5 + len(MEMORY_SETTINGS))))
+    print("\nmemory columns are estimates (see: diffsynth vram --help)", file=sys.stderr)
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from ds_pipelines import download_model, get_model_entry
+
+    entry = get_model_entry(args.name)
+    print(f"downloading {entry.name} ({gib(entry.bf16_bytes)} in bf16) ...", file=sys.stderr)
+    paths = download_model(entry.name, args.source)
+    for component, files in paths.items():
+        for path in files:
+            print(f"{component}\t{path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ds_loader import inspect_checkpoint
+
+    if not args.path.exists():
+        raise FileNotFoundError(f"{args.path}: no such file or folder")
+    print(inspect_checkpoint(args.path))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"list": _list, "download": _download, "inspect": _inspect}[args.models_command](args)

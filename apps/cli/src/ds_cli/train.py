@@ -1,0 +1,100 @@
+"""``diffsynth train lora|full``: ``ds_train.TrainingConfig`` from the command line; the run itself is ds_train's."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from ds_cli.common import UsageError, formatter
+from ds_train import TrainingConfig, train
+
+EXAMPLES = """examples:
+  diffsynth train lora --model flux.1-dev --data ./photos --output runs/style --steps 1000 --rank 16
+  diffsynth train lora --model ./FLUX.1-dev --data metadata.csv --output runs/low --stream-frozen --vram-limit 6 \\
+      --gradient-checkpointing --cache --lora-format diffusers
+  diffsynth train full --model demo-digits --data ./digits --output runs/digits --height 32 --width 32 \\
+      --mixed-precision no --device cpu
+  diffsynth train lora ... --resume                   # continue from <output>/checkpoints
+
+The run folder holds checkpoints/, samples/, log.csv, loss.png, config.json and the final weights
+(lora.safetensors, or <component>.safetensors in full mode); its path is printed on stdout.
+Under `accelerate launch` the same command trains on several GPUs (DDP/FSDP from accelerate's config).
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="preset, model id or local folder (official or diffusers)")
+    parser.add_argument("--data", required=True, type=Path, help="image folder with .txt captions, or metadata file")
+    parser.add_argument("--output", required=True, type=Path, help="run folder")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--gradient-accumulation", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: 1e-4 (lora), 1e-5 (full)")
+    parser.add_argument("--lr-scheduler", choices=["constant", "linear", "cosine"], default="constant")
+    parser.add_argument("--lr-warmup-steps", type=int, default=0)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of a centre crop")
+    parser.add_argument("--repeats", type=int, default=1, help="times each image appears per epoch")
+    parser.add_argument("--caption-dropout", type=float, default=0.0, help="share of steps on the empty prompt")
+    parser.add_argument("--skip-broken", action="store_true", help="drop broken dataset rows with a warning")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: accelerate's choice)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--offload-activations", action="store_true", help="checkpointed activations in CPU RAM")
+    parser.add_argument("--cache", action="store_true", help="encode prompts and latents once to safetensors")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    parser.add_argument("--sample-every", type=int, default=0, help="steps between sample images (0: none)")
+    parser.add_argument("--sample-prompt", action="append", default=[], dest="sample_prompts", metavar="PROMPT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a LoRA or fine-tune a model",
+        description="Train a LoRA (peft adapters on the DiT) or fine-tune whole components with flow matching.",
+        epilog=EXAMPLES,
+        **formatter(),
+    )
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    lora = modes.add_parser("lora", help="train a LoRA", epilog=EXAMPLES, **formatter())
+    _common(lora)
+    lora.add_argument("--rank", type=int, default=16)
+    lora.add_argument("--alpha", type=float, default=None, help="default: the rank")
+    lora.add_argument("--targets", nargs="+", default=None, help="module name patterns (default: the family's)")
+    lora.add_argument("--lora-format", choices=["comfyui", "kohya", "diffusers"], default="comfyui")
+    lora.add_argument("--trigger-word", action="append", default=[], dest="trigger_words", metavar="WORD")
+    lora.add_argument("--fp8-frozen", action="store_true", help="frozen weights stored in FP8")
+    lora.add_argument("--stream-frozen", action="store_true", help="frozen weights stream from CPU RAM (ds-vram)")
+    lora.add_argument("--vram-limit", type=float, default=None, help="GiB of frozen weights kept on the device")
+    full = modes.add_parser("full", help="fine-tune whole components", epilog=EXAMPLES, **formatter())
+    _common(full)
+    full.add_argument("--trainable", nargs="+", default=["dit"], help="components to train (default: dit)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The ``TrainingConfig`` the arguments describe; a bad value is a usage error naming its option."""
+    if not args.data.exists():
+        raise UsageError(f"--data {args.data}: no such folder or file")
+    values = {name: getattr(args, name) for name in {f.name for f in fields(TrainingConfig)} if hasattr(args, name)}
+    values["progress_bar"] = not args.no_progress
+    if args.learning_rate is None:
+        values["learning_rate"] = 1e-4 if args.mode == "lora" else 1e-5
+    if args.mode == "lora":
+        values.update(lora_rank=args.rank, lora_alpha=float(args.alpha or args.rank), lora_targets=args.targets)
+    else:
+        values["trainable"] = tuple(args.trainable)
+    try:
+        return TrainingConfig(**values)
+    except ValueError as error:  # names the TrainingConfig field; its option is the same name with dashes
+        raise UsageError(str(error)) from error
+
+
+def run(args: argparse.Namespace) -> int:
+    result = train(config_from_args(args))
+    print(result.weights_path if result.weights_path is not None else result.output)
+    return 130 if result.interrupted else 0
