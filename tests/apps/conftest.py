@@ -2,4 +2,3 @@
 
 from tests.pipelines.conftest import flux_files  # noqa: F401  (a session fixture, re-exported)
 from tests.pipelines.wan_fixtures import wan_files  # noqa: F401  (a session fixture, re-exported)
-from tests.train.conftest import shapes_data  # noqa: F401  (a session fixture, re-exported)

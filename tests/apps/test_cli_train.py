@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
 from safetensors import safe_open
 
 from ds_cli.main import main
@@ -16,16 +23,28 @@ def run_main(capsys, *args: object) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 40x40 images, each with a same-name .txt caption."""
+    folder = tmp_path_factory.mktemp("captioned")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a noisy square number {i}", encoding="utf-8")
+    return folder
+
+
 SMALL = ("--steps", "2", "--height", "32", "--width", "32", "--mixed-precision", "no", "--device", "cpu")
 
 
-def test_train_lora_writes_the_adapter_and_prints_its_path(flux_files, shapes_data, tmp_path, capsys):
+def test_train_lora_writes_the_adapter_and_prints_its_path(flux_files, captioned, tmp_path, capsys):
     output = tmp_path / "run"
-    common = ("--model", flux_files.repo, "--data", shapes_data, "--output", output, *SMALL, "--no-progress")
+    common = ("--model", flux_files.repo, "--data", captioned, "--output", output, *SMALL, "--no-progress")
     code, out, err = run_main(capsys, "train", "lora", *common, "--rank", "4", "--lora-format", "kohya")
     assert code == 0, err
-    path = out.strip().splitlines()[-1]
-    assert path == str(output / "lora.safetensors")
+    assert out.strip() == str(output / "lora.safetensors")  # stdout holds only the result path
+    assert "estimated peak memory" in err  # ds_train's estimate, printed before the first step, on stderr
+    path = out.strip()
     with safe_open(path, "pt") as file:
         keys = list(file.keys())
         metadata = file.metadata()
@@ -33,12 +52,12 @@ def test_train_lora_writes_the_adapter_and_prints_its_path(flux_files, shapes_da
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] in ("4", "4.0")
 
 
-def test_train_full_writes_the_dit(flux_files, shapes_data, tmp_path, capsys):
+def test_train_full_writes_the_dit(flux_files, captioned, tmp_path, capsys):
     output = tmp_path / "full"
-    common = ("--model", flux_files.repo, "--data", shapes_data, "--output", output, *SMALL, "--no-progress")
+    common = ("--model", flux_files.repo, "--data", captioned, "--output", output, *SMALL, "--no-progress")
     code, out, err = run_main(capsys, "train", "full", *common, "--trainable", "dit")
     assert code == 0, err
-    assert out.strip().splitlines()[-1] == str(output / "dit.safetensors")
+    assert out.strip() == str(output / "dit.safetensors")
     with safe_open(output / "dit.safetensors", "pt") as file:
         assert any(key.startswith("double_blocks.0.") for key in file.keys())  # noqa: SIM118 (safe_open has no __iter__)
 
@@ -52,3 +71,11 @@ def test_train_errors_name_the_option(flux_files, tmp_path, capsys):
     assert code == 2 and "height=30" in err
     code, _, err = run_main(capsys, "train", "lora", "--model", "m")
     assert code == 2 and "--data" in err
+
+
+def test_train_help_runs_as_a_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ds_cli", "train", "lora", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--rank" in result.stdout and "diffsynth train lora --model" in result.stdout

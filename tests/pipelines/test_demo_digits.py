@@ -132,3 +132,15 @@ def test_bfloat16_as_the_cli_loads_it(offline, classifier) -> None:
     assert bf16.dit.img_in.weight.dtype == torch.bfloat16
     images = sample(bf16, list(range(10)), [0] * 10)
     assert (classifier.predict(to_8x8(images)) == np.arange(10)).mean() >= 0.8
+
+
+def test_a_bare_call_samples_with_the_preset_defaults():
+    """``pipe(prompt)`` on demo-digits is the CLI's image: 32x32, 12 steps, cfg 2, not FLUX.1-dev's 1024x1024."""
+    pipe = FluxImagePipeline.from_pretrained("demo-digits", device="cpu", torch_dtype=torch.float32)
+    preset = get_preset("demo-digits")
+    expected = {"cfg_scale": preset.cfg_scale, "height": 32, "width": 32, "num_inference_steps": preset.steps}
+    assert {key: pipe.sampling_defaults[key] for key in expected} == expected
+    image = pipe("a handwritten digit 3", seed=1)
+    explicit = pipe("a handwritten digit 3", seed=1, **preset_defaults("demo-digits"))
+    assert image.size == (32, 32)
+    assert np.array_equal(np.asarray(image), np.asarray(explicit))

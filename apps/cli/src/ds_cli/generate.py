@@ -64,7 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--lora", action="append", type=_lora, default=[], metavar="PATH[:SCALE]", help="apply a LoRA (repeatable)"
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
-    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="computation dtype (default %(default)s)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="computation dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 is slow)"
+    )
     parser.add_argument("--vram-limit", type=float, help="GiB of weights kept on the GPU; the rest is streamed")
     parser.add_argument("--fp8", action="store_true", help="store weights in FP8 (e4m3fn, per-channel scales)")
     parser.add_argument(
@@ -183,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
     pipeline_class = getattr(ds_pipelines, class_name, None)
     if pipeline_class is None:
         raise RuntimeError(f"{model} needs {class_name}, which this ds-pipelines does not have yet; update it")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"
+    dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     pipe = pipeline_class.from_pretrained(
         model, torch_dtype=dtype, device=args.device, vram=_vram_config(args, dtype), progress_bar=not args.quiet
     )

@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   diffsynth models inspect flux1-dev.safetensors
   diffsynth lora inspect style.safetensors
   diffsynth vram --model flux.1-dev --gpu-memory 8
+  diffsynth train lora --model flux.1-dev --data ./photos --output runs/style --steps 1000 --rank 16
 
 Run "diffsynth COMMAND --help" for each command's options and examples.
 """

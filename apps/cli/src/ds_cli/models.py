@@ -53,7 +53,7 @@ def _list(args: argparse.Namespace) -> int:
     rows = [("name", "family", "kind", "params", "bf16 weights", *MEMORY_SETTINGS)]
     for entry in entries:
         needs = [estimate_memory(entry, s, args.height, args.width, args.frames) for s in MEMORY_SETTINGS]
-        params = f"{entry.parameters / 1e9:.2f}B" if entry.components else "?"
+        params = _count(entry.parameters) if entry.components else "?"
         size = gib(entry.bf16_bytes) if entry.components else "?"
         rows.append((entry.name, entry.family, entry.kind, params, size, *map(gib, needs)))
     print(table(rows, right=range(3, 5 + len(MEMORY_SETTINGS))))
@@ -84,3 +84,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     return {"list": _list, "download": _download, "inspect": _inspect}[args.models_command](args)
+
+
+def _count(parameters: int) -> str:
+    """1.42B, 3.9M: billions for released models, millions for the demo and tiny ones."""
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e8 else f"{parameters / 1e6:.1f}M"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -95,6 +97,9 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = train(config_from_args(args))
+    """Train; ds_train's messages (memory estimate, progress) go to stderr so stdout holds only the weights path."""
+    config = config_from_args(args)
+    with contextlib.redirect_stdout(sys.stderr):
+        result = train(config)
     print(result.weights_path if result.weights_path is not None else result.output)
     return 130 if result.interrupted else 0

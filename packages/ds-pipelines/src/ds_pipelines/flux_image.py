@@ -52,6 +52,17 @@ class FluxImagePipeline(Pipeline):
 
     component_names = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "dit", "vae")
 
+    def __init__(self, components: Mapping[str, object], **kwargs: object):
+        super().__init__(components, **kwargs)
+        # What an unset __call__ option means; from_pretrained replaces these with the preset's values.
+        self.sampling_defaults: dict[str, float | int | None] = {
+            "cfg_scale": 1.0,
+            "embedded_guidance": 3.5,
+            "height": 1024,
+            "width": 1024,
+            "num_inference_steps": 30,
+        }
+
     def lora_targets(self) -> Callable[[str], object]:
         from ds_models_flux.lora import diffusers_lora_target
 
@@ -104,6 +115,16 @@ class FluxImagePipeline(Pipeline):
         )
         pipe = cls(components, device=device, torch_dtype=torch_dtype, progress_bar=progress_bar)
         pipe.model_name = str(model) if model is not None else None
+        preset = _find_preset(model)
+        if preset is not None:
+            values = {
+                "cfg_scale": preset.cfg_scale,
+                "embedded_guidance": preset.guidance,
+                "height": preset.height,
+                "width": preset.width,
+                "num_inference_steps": preset.steps,
+            }
+            pipe.sampling_defaults.update({key: value for key, value in values.items() if value is not None})
         return pipe
 
     def default_t5_sequence_length(self) -> int:
@@ -231,11 +252,11 @@ class FluxImagePipeline(Pipeline):
         prompt: str,
         *,
         negative_prompt: str = "",
-        cfg_scale: float = 1.0,
-        embedded_guidance: float = 3.5,
-        height: int = 1024,
-        width: int = 1024,
-        num_inference_steps: int = 30,
+        cfg_scale: float | None = None,
+        embedded_guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
         seed: int | None = None,
         noise: torch.Tensor | None = None,
         rand_device: str = "cpu",
@@ -250,7 +271,17 @@ class FluxImagePipeline(Pipeline):
         tile_size: int = 64,
         tile_overlap: int = 16,
     ) -> Image.Image:
-        """Generate one image. Sizes are pixels (multiples of 16); tile sizes are latents (8 pixels each)."""
+        """Generate one image. Sizes are pixels (multiples of 16); tile sizes are latents (8 pixels each).
+
+        Options left as None take the loaded preset's values (``pipe.sampling_defaults``: e.g. 32x32, 12 steps and
+        cfg 2 for demo-digits, 4 steps for schnell), otherwise cfg 1, embedded guidance 3.5, 1024x1024, 30 steps.
+        """
+        defaults = self.sampling_defaults
+        cfg_scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
+        embedded_guidance = defaults["embedded_guidance"] if embedded_guidance is None else embedded_guidance
+        height = defaults["height"] if height is None else height
+        width = defaults["width"] if width is None else width
+        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         check_size(height, width)
         if denoising_strength != 1.0 and input_image is None:
             raise ValueError("denoising_strength != 1 needs an input_image to start from; pass input_image=...")
@@ -318,6 +349,16 @@ class FluxImagePipeline(Pipeline):
             }
         )
         return image
+
+
+def _find_preset(model: str | os.PathLike | Mapping | None) -> object | None:
+    """The FLUX.1 preset ``model`` names (by name or model id), or None for folders, files and mappings."""
+    if not isinstance(model, str) or Path(model).exists():
+        return None
+    from ds_models_flux import PRESETS
+
+    key = model.strip().lower()
+    return PRESETS.get(key) or next((p for p in PRESETS.values() if p.model_id.lower() == key), None)
 
 
 def _component_sources(model: str | os.PathLike | None, download_source: str | None) -> dict[str, object]:
