@@ -75,3 +75,38 @@ def test_flux_low_vram_runs_on_tiny_weights(flux_files, tmp_path, monkeypatch):
     notebook = run_notebook("flux_low_vram.ipynb", tmp_path)
     text = "".join(o.get("text", "") for o in outputs(notebook))
     assert "8 GiB: stream" in text and "streamed" in text
+
+
+def tiny_models(tmp_path, monkeypatch, **folders) -> None:
+    """The notebooks' DIFFSYNTH_NOTEBOOK_TINY switch: the same cells on tiny local weights, on the CPU."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, folder in folders.items():
+        (models / name).symlink_to(folder)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("DIFFSYNTH_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("DIFFSYNTH_NOTEBOOK_MODELS", str(models))
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.mark.slow
+def test_wan_text_to_video_runs_on_tiny_weights(wan_files, tmp_path, monkeypatch):
+    from ds_pipelines import load_video
+
+    tiny_models(tmp_path, monkeypatch, wan=wan_files.t2v)
+    notebook = run_notebook("wan_text_to_video.ipynb", tmp_path)
+    assert not [o for o in outputs(notebook) if o.output_type == "error"]
+    video = load_video(tmp_path / "waves.mp4")
+    assert len(video) == 5 and video.fps == 16 and video.parameters["prompt"].startswith("waves")
+
+
+@pytest.mark.slow
+def test_lora_training_runs_on_tiny_weights(flux_files, tmp_path, monkeypatch):
+    tiny_models(tmp_path, monkeypatch, flux=flux_files.bfl_repo)
+    notebook = run_notebook("lora_training.ipynb", tmp_path)
+    shown = outputs(notebook)
+    assert not [o for o in shown if o.output_type == "error"]
+    assert (tmp_path / "runs" / "digits-lora" / "lora.safetensors").is_file()
+    html = [o.get("data", {}).get("text/html", "") for o in shown]
+    grids = [text for text in html if "grid-template-columns" in text]
+    assert len(grids) == 2 and grids[1].count("<img ") == 8
