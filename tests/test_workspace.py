@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "ds_models_core": set(),
     **{family: {"ds_models_core", "ds_loader", "ds_vram"} for family in FAMILIES},
     "ds_pipelines": {"ds_models_core", "ds_loader", "ds_vram", *FAMILIES},
-    "ds_train": {"ds_pipelines", "ds_models_core", "ds_loader", "ds_vram", *FAMILIES},
+    "ds_train": {"ds_pipelines"},
     "ds_cli": {"ds_pipelines", "ds_train", "ds_vram", "ds_loader"},
     "ds_notebook": {"ds_pipelines", "ds_train", "ds_vram", "ds_loader"},
 }

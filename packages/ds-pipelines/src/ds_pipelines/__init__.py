@@ -1,5 +1,9 @@
 """ds-pipelines: from prompt to pixels, and the sampling math that training shares."""
 
+# Pipelines take ``vram=VRAMConfig(...)`` and report what ds-vram manages: packages above ds-pipelines (ds-train,
+# the apps) use ds-vram through these names, as DESIGN.md's import rules ask.
+from ds_vram import VRAMConfig, get_vram_handle
+
 from .base import Pipeline, PipelineStepError, pipeline_step
 from .catalog import (
     MEMORY_SETTINGS,
@@ -34,12 +38,14 @@ __all__ = [
     "ModelEntry",
     "Pipeline",
     "PipelineStepError",
+    "VRAMConfig",
     "VRAMSuggestion",
     "VideoFrames",
     "WanVideoPipeline",
     "download_model",
     "estimate_memory",
     "get_model_entry",
+    "get_vram_handle",
     "image_to_tensor",
     "inspect_lora",
     "list_models",

@@ -144,7 +144,7 @@ class _Run:
         config = self.config
         if not (config.fp8_frozen or config.stream_frozen):
             return None
-        from ds_vram import VRAMConfig
+        from ds_pipelines import VRAMConfig
 
         frozen = VRAMConfig(
             storage="cpu" if config.stream_frozen else "device",
@@ -489,7 +489,7 @@ def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _unmanaged(module: nn.Module) -> bool:
-    from ds_vram import get_vram_handle
+    from ds_pipelines import get_vram_handle
 
     return get_vram_handle(module) is None
 
