@@ -65,6 +65,8 @@ class Pipeline:
 
     component_names: ClassVar[tuple[str, ...]] = ()
     lora_model: ClassVar[str] = "dit"  # the component LoRAs apply to
+    # What an unset (None) __call__ option means; from_pretrained overlays a preset's own values per instance.
+    default_options: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(
         self,
@@ -85,6 +87,11 @@ class Pipeline:
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
         self.progress_bar = progress_bar
+        self.sampling_defaults: dict[str, Any] = dict(self.default_options)
+
+    def sampling_options(self, **given: Any) -> dict[str, Any]:
+        """``given`` with each None replaced by ``sampling_defaults``' value, in the order given."""
+        return {name: self.sampling_defaults[name] if value is None else value for name, value in given.items()}
 
     # ------------------------------------------------------------------ components
     def __getattr__(self, name: str) -> Any:

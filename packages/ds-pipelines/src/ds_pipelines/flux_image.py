@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -52,16 +53,13 @@ class FluxImagePipeline(Pipeline):
 
     component_names = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "dit", "vae")
 
-    def __init__(self, components: Mapping[str, object], **kwargs: object):
-        super().__init__(components, **kwargs)
-        # What an unset __call__ option means; from_pretrained replaces these with the preset's values.
-        self.sampling_defaults: dict[str, float | int | None] = {
-            "cfg_scale": 1.0,
-            "embedded_guidance": 3.5,
-            "height": 1024,
-            "width": 1024,
-            "num_inference_steps": 30,
-        }
+    default_options: ClassVar[Mapping[str, object]] = {
+        "cfg_scale": 1.0,
+        "embedded_guidance": 3.5,
+        "height": 1024,
+        "width": 1024,
+        "num_inference_steps": 30,
+    }
 
     def lora_targets(self) -> Callable[[str], object]:
         from ds_models_flux.lora import diffusers_lora_target
@@ -276,12 +274,13 @@ class FluxImagePipeline(Pipeline):
         Options left as None take the loaded preset's values (``pipe.sampling_defaults``: e.g. 32x32, 12 steps and
         cfg 2 for demo-digits, 4 steps for schnell), otherwise cfg 1, embedded guidance 3.5, 1024x1024, 30 steps.
         """
-        defaults = self.sampling_defaults
-        cfg_scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
-        embedded_guidance = defaults["embedded_guidance"] if embedded_guidance is None else embedded_guidance
-        height = defaults["height"] if height is None else height
-        width = defaults["width"] if width is None else width
-        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        cfg_scale, embedded_guidance, height, width, num_inference_steps = self.sampling_options(
+            cfg_scale=cfg_scale,
+            embedded_guidance=embedded_guidance,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+        ).values()
         check_size(height, width)
         if denoising_strength != 1.0 and input_image is None:
             raise ValueError("denoising_strength != 1 needs an input_image to start from; pass input_image=...")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -76,22 +77,21 @@ class WanVideoPipeline(Pipeline):
     """
 
     component_names = ("tokenizer", "text_encoder", "image_encoder", "dit", "dit2", "vae")
+    default_options: ClassVar[Mapping[str, object]] = {
+        "cfg_scale": 5.0,
+        "cfg_scale_high_noise": None,
+        "height": 480,
+        "width": 832,
+        "num_frames": 81,
+        "num_inference_steps": 50,
+        "sigma_shift": 5.0,
+    }
 
     def __init__(self, components: Mapping[str, object], *, fps: float | None = None, **kwargs: object):
         super().__init__(components, **kwargs)
         vae = self._components.get("vae")
         self.fps = fps if fps is not None else (24 if getattr(vae, "z_dim", 16) == 48 else 16)
         self.boundary: float | None = None  # None: 0.875, or 0.9 for image-to-video A14B
-        # What an unset __call__ option means; from_pretrained replaces these with the preset's official values.
-        self.sampling_defaults: dict[str, float | int | None] = {
-            "cfg_scale": 5.0,
-            "cfg_scale_high_noise": None,
-            "height": 480,
-            "width": 832,
-            "num_frames": 81,
-            "num_inference_steps": 50,
-            "sigma_shift": 5.0,
-        }
         self.model_name: str | None = None
         self.last_experts: list[str] = []  # the DiT that ran each step of the last call ("dit" / "dit2")
 
@@ -151,7 +151,7 @@ class WanVideoPipeline(Pipeline):
         )
         pipe.boundary = getattr(preset, "boundary", None)
         if preset is not None:
-            pipe.sampling_defaults = {
+            pipe.sampling_defaults |= {
                 "cfg_scale": preset.cfg_scale,
                 "cfg_scale_high_noise": preset.cfg_scale_high_noise,
                 "height": preset.height,
@@ -325,15 +325,16 @@ class WanVideoPipeline(Pipeline):
         self.require("tokenizer", "text_encoder", "dit", "vae")
         dit, vae = self._components["dit"], self._components["vae"]
         # Unset options take the loaded release's official values (preset), else the generic Wan 2.1 ones.
-        defaults = self.sampling_defaults
-        cfg_scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
-        if cfg_scale_high_noise is None:
-            cfg_scale_high_noise = defaults["cfg_scale_high_noise"]
-        height = defaults["height"] if height is None else height
-        width = defaults["width"] if width is None else width
-        num_frames = defaults["num_frames"] if num_frames is None else num_frames
-        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        sigma_shift = defaults["sigma_shift"] if sigma_shift is None else sigma_shift
+        options = self.sampling_options(
+            cfg_scale=cfg_scale,
+            cfg_scale_high_noise=cfg_scale_high_noise,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            sigma_shift=sigma_shift,
+        )
+        cfg_scale, cfg_scale_high_noise, height, width, num_frames, num_inference_steps, sigma_shift = options.values()
         self._check_inputs(
             height, width, num_frames, sampler, boundary, denoising_strength, input_image, end_image, input_video
         )
