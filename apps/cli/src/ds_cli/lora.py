@@ -15,8 +15,10 @@ EXAMPLES = """examples:
 
 Formats: kohya (lora_unet_* names, lora_down/lora_up, alpha), comfyui (diffusion_model.* names),
 diffusers (transformer.* names, lora_A/lora_B). Written files carry alpha and ss_*/modelspec.* metadata.
+The model family (FLUX.1 or Wan) is told from the layer names; --family overrides that guess.
 """
 FORMATS = ("comfyui", "diffusers", "kohya")
+FAMILIES = ("flux.1", "wan")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,12 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--to", required=True, choices=FORMATS)
     convert.add_argument("-o", "--output", type=Path, help="default: NAME-FORMAT.safetensors beside the input")
     convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--family", choices=FAMILIES, help="model family of the LoRA (default: from its names)")
     merge = commands.add_parser("merge", help="combine LoRAs into one file", epilog=EXAMPLES, **formatter())
     merge.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     merge.add_argument("--weights", type=float, nargs="+", help="one scale per file (default: 1 each)")
     merge.add_argument("--to", choices=FORMATS, help="format of the result (default: that of the first file)")
     merge.add_argument("-o", "--output", type=Path, required=True)
     merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument("--family", choices=FAMILIES, help="model family of the LoRAs (default: from their names)")
 
 
 def _function(name: str) -> Callable:
@@ -76,7 +80,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.path}: no such file")
     output = args.output or args.path.with_name(f"{args.path.stem}-{args.to}.safetensors")
     _check_output(output, args.overwrite)
-    _function("convert_lora_file")(args.path, output, to=args.to)
+    _function("convert_lora_file")(args.path, output, to=args.to, family=args.family)
     print(output)
     return 0
 
@@ -95,7 +99,8 @@ def _merge(args: argparse.Namespace) -> int:
 
         first = inspect_lora(args.paths[0]).format
         target = first if first in FORMATS else "comfyui"
-    _function("merge_lora_files")(list(zip(args.paths, weights, strict=True)), args.output, to=target)
+    sources = list(zip(args.paths, weights, strict=True))
+    _function("merge_lora_files")(sources, args.output, to=target, family=args.family)
     print(args.output)
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ds_vram import read_safetensors_header
 
 from .lora import KOHYA_PREFIX, parse_lora, read_lora
+from .lora_io import guess_lora_family
 
 __all__ = ["LoraInfo", "inspect_lora", "lora_key_format"]
 
@@ -29,7 +30,8 @@ class LoraInfo:
     with lora_down/up), ``"diffusers"`` (``transformer.`` names with lora_A/B), ``"peft"`` (``base_model.model.``),
     ``"diffsynth"`` (the model's own names with lora_A/B) or ``"unknown"``. ranks/alphas: counts of each value
     over the adapted modules (alpha None: not stored, the loader uses alpha = rank). targets: the distinct module
-    names with block indices replaced by ``*``, with how many modules each covers.
+    names with block indices replaced by ``*``, with how many modules each covers. family: the model family the
+    layer names belong to (``"flux.1"``, ``"wan"``), None when they do not tell.
     """
 
     path: str
@@ -41,6 +43,7 @@ class LoraInfo:
     targets: dict[str, int]
     metadata: dict[str, str] = field(default_factory=dict)
     unknown_keys: tuple[str, ...] = ()
+    family: str | None = None
 
     def __str__(self) -> str:
         def counts(values: dict) -> str:
@@ -51,6 +54,7 @@ class LoraInfo:
         lines = [
             self.path,
             f"  format      {self.format}",
+            f"  family      {self.family or '-'}",
             f"  modules     {self.modules} ({self.parameters:,} parameters)",
             f"  rank        {counts(self.ranks) or '-'}",
             f"  alpha       {counts(self.alphas) or '-'}",
@@ -101,6 +105,10 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
     alphas = Counter(piece.alpha for piece in pieces.values())
     targets = Counter(_BLOCK_INDEX.sub("*", name) for name in pieces)
     parameters = sum(piece.down.numel() + piece.up.numel() for piece in pieces.values())
+    try:
+        family = guess_lora_family(pieces)
+    except ValueError:  # names of neither family (or of both): reported as unknown, not an error of inspection
+        family = None
     return LoraInfo(
         str(path),
         lora_key_format(list(state)),
@@ -111,4 +119,5 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
         dict(sorted(targets.items())),
         dict(metadata or {}),
         tuple(unknown),
+        family,
     )

@@ -1,10 +1,13 @@
 """Writing LoRA files in the formats the field reads: ComfyUI, kohya and diffusers, with alpha and metadata.
 
 A LoRA here is ``{layer: (down (r, in), up (out, r), alpha)}`` on a model's own layer names (for FLUX.1, BFL
-names such as ``double_blocks.0.img_attn.qkv``); its weight delta is ``alpha / r * up @ down``.
+names such as ``double_blocks.0.img_attn.qkv``; for Wan, the official Wan-Video names such as
+``blocks.0.self_attn.q``); its weight delta is ``alpha / r * up @ down``. Families: ``"flux.1"`` and ``"wan"``;
+readers guess the family from the file's layer names when none is given (``guess_lora_family``).
 
 - ``comfyui``: ``diffusion_model.<layer>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``.
-- ``kohya``: the same tensors under flat names ``lora_unet_<layer with dots as underscores>``.
+- ``kohya``: the same tensors under flat names ``lora_unet_<layer with dots as underscores>`` (as musubi-tuner
+  writes Wan LoRAs).
 - ``diffusers``: ``transformer.<diffusers module>.lora_A.weight`` / ``lora_B.weight`` on the family's diffusers
   names; a fused layer (FLUX.1 q/k/v) becomes one entry per part, sharing ``lora_A``. diffusers/peft files carry
   no alpha tensors, so ``alpha / r`` is folded into ``lora_B`` (every loader then applies the same delta); the
@@ -19,18 +22,21 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .lora import KOHYA_PREFIX, LoraPiece, lora_layers, parse_lora, read_lora
+from .lora import _PREFIXES, _SUFFIX, KOHYA_PREFIX, LoraPiece, lora_layers, parse_lora, read_lora
 
 __all__ = [
+    "FAMILIES",
     "FORMATS",
     "LoraWeights",
     "convert_lora_file",
+    "guess_lora_family",
     "lora_metadata",
     "merge_lora_files",
     "read_lora_layers",
@@ -40,7 +46,13 @@ __all__ = [
 FORMATS = ("comfyui", "kohya", "diffusers")
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # layer -> (down, up, alpha)
 
-_ARCHITECTURES = {"flux.1": ("flux1", "flux-1-dev/lora")}
+FAMILIES = ("flux.1", "wan")
+# family -> (ss_network_module, ss_base_model_version, modelspec.architecture, modelspec.implementation), as the
+# field's trainers write them (kohya sd-scripts for FLUX.1, musubi-tuner for Wan).
+_FAMILY_METADATA = {
+    "flux.1": ("networks.lora_flux", "flux1", "flux-1-dev/lora", "https://github.com/black-forest-labs/flux"),
+    "wan": ("networks.lora_wan", "wan2.1", "wan2.1/lora", "https://github.com/Wan-Video/Wan2.1"),
+}
 
 
 def lora_metadata(
@@ -60,9 +72,11 @@ def lora_metadata(
     rank = str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks)
     alpha = _number(alphas[0]) if len(alphas) == 1 else json.dumps(alphas)
     words = [trigger_words] if isinstance(trigger_words, str) else [w for w in trigger_words if w]
-    version, architecture = _ARCHITECTURES.get(family, (family, f"{family}/lora"))
+    module, version, architecture, implementation = _FAMILY_METADATA.get(
+        family, ("networks.lora", family, f"{family}/lora", "")
+    )
     metadata = {
-        "ss_network_module": "networks.lora_flux" if family == "flux.1" else "networks.lora",
+        "ss_network_module": module,
         "ss_network_dim": rank,
         "ss_network_alpha": alpha,
         "ss_base_model_version": version,
@@ -70,7 +84,7 @@ def lora_metadata(
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux" if family == "flux.1" else "",
+        "modelspec.implementation": implementation,
         "modelspec.title": title or "LoRA",
         "modelspec.date": datetime.date.today().isoformat(),
         "modelspec.trigger_phrase": ", ".join(words),
@@ -93,11 +107,77 @@ def _number(value: float) -> str:
 
 
 def _family_diffusers_names(family: str) -> tuple[Callable[[str], list[str] | None], Callable[[str], object]]:
-    if family != "flux.1":
-        raise ValueError(f"diffusers LoRA names are known for FLUX.1 only, not {family!r}")
-    from ds_models_flux.lora import diffusers_lora_names, diffusers_lora_target
+    """(our layer -> diffusers module names, diffusers module name -> target) of ``family``."""
+    if family == "wan":
+        from .wan_sources import wan_diffusers_lora_name, wan_lora_target
 
-    return diffusers_lora_names, diffusers_lora_target
+        def names_of(layer: str) -> list[str] | None:
+            name = wan_diffusers_lora_name(layer)
+            return [name] if name else None
+
+        return names_of, wan_lora_target
+    if family == "flux.1":  # imported here: an installation may hold the Wan family only
+        from ds_models_flux.lora import diffusers_lora_names, diffusers_lora_target
+
+        return diffusers_lora_names, diffusers_lora_target
+    raise ValueError(f"LoRA family {family!r}; use one of {', '.join(FAMILIES)}")
+
+
+def _family_flat_names(family: str) -> Callable[[str], str | None]:
+    """kohya flat name (no ``lora_unet_``) -> our layer, for ``family``."""
+    if family == "wan":
+        from .wan_sources import wan_layer_from_flat
+
+        return wan_layer_from_flat
+    if family == "flux.1":
+        from ds_models_flux.lora import bfl_layer_from_flat
+
+        return bfl_layer_from_flat
+    raise ValueError(f"LoRA family {family!r}; use one of {', '.join(FAMILIES)}")
+
+
+# Block-level layer names that give a family away, in any key convention (official/BFL, diffusers, kohya flat).
+_FAMILY_SIGNS = {
+    "wan": re.compile(r"(?:^|\.|lora_unet_)blocks[._]\d+[._](?:self_attn|cross_attn|attn1|attn2|ffn)(?:[._]|$)"),
+    "flux.1": re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|(?:single_)?transformer_blocks)[._]\d+(?:[._]|$)"),
+}
+
+
+def guess_lora_family(source: str | os.PathLike | Mapping[str, object] | Iterable[str]) -> str:
+    """The model family (one of ``FAMILIES``) a LoRA is for, from its layer names alone.
+
+    ``source`` is a LoRA file, a state dict or ``parse_lora`` pieces (a mapping), or key names. Wan is told by
+    ``blocks.N.self_attn``/``cross_attn``/``attn1``/``attn2``/``ffn``, FLUX.1 by ``double_blocks``,
+    ``single_blocks``, ``transformer_blocks`` or ``single_transformer_blocks``. Raises ValueError when the names
+    show neither or both (pass ``family=`` then).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.suffix == ".safetensors" and path.is_file():
+            from ds_vram import read_safetensors_header
+
+            names: Iterable[str] = read_safetensors_header(path)[0]
+        else:
+            names = read_lora(path)
+    else:
+        names = source
+    modules = {_module_name(str(name)) for name in names}
+    found = [family for family, sign in _FAMILY_SIGNS.items() if any(sign.search(m) for m in modules)]
+    if len(found) != 1:
+        sample = ", ".join(sorted(modules)[:3]) or "no keys"
+        what = "both " + " and ".join(found) if found else "no known family"
+        raise ValueError(
+            f"LoRA layer names show {what} (first: {sample}); pass family= (one of {', '.join(FAMILIES)})"
+        )
+    return found[0]
+
+
+def _module_name(key: str) -> str:
+    match = _SUFFIX.fullmatch(key)
+    module = match["module"] if match else key
+    for prefix in _PREFIXES:
+        module = module.removeprefix(prefix)
+    return module
 
 
 def lora_state_dict(
@@ -182,42 +262,55 @@ def save_lora_file(
 
 
 def read_lora_layers(
-    path: str | os.PathLike, *, model: nn.Module | None = None, family: str = "flux.1"
+    path: str | os.PathLike, *, model: nn.Module | None = None, family: str | None = None
 ) -> LoraWeights:
     """Any LoRA file as ``{layer: (down, up, alpha)}`` on the family's own layer names.
 
     With ``model`` the layers are matched to it (as ``pipe.load_lora`` does; q/k/v parts are stacked along the
     rank). Without it, names come from the family's naming rules and fused layers need all their parts.
+    ``family`` None: guessed from the file's layer names (``guess_lora_family``), or from ``model``'s.
     """
+    return _read_layers(path, model, family)[0]
+
+
+def _read_layers(path: str | os.PathLike, model: nn.Module | None, family: str | None) -> tuple[LoraWeights, str]:
+    """The layers of a LoRA file and the family they were read as."""
     pieces, unknown = parse_lora(read_lora(path))
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} keys are not LoRA tensors (first: {unknown[:3]})")
+    if family is None:
+        try:
+            family = guess_lora_family(pieces)
+        except ValueError as error:
+            if model is None:
+                raise ValueError(f"{path}: {error}") from None
+            # A LoRA on a few non-block layers: the model's own layer names tell the family instead.
+            family = guess_lora_family(name for name, _ in model.named_modules())
     if model is not None:
-        family_targets = _family_diffusers_names(family)[1] if family == "flux.1" else None
-        layers, unmatched = lora_layers(pieces, model, family_targets)
+        layers, unmatched = lora_layers(pieces, model, _family_diffusers_names(family)[1])
         if unmatched:
             raise ValueError(f"{path}: modules {unmatched[:3]} match no layer of {type(model).__name__}")
-        return {name: (down, up, float(down.shape[0])) for name, (down, up) in layers.items()}
-    return _layers_by_name(pieces, family, path)
+        return {name: (down, up, float(down.shape[0])) for name, (down, up) in layers.items()}, family
+    return _layers_by_name(pieces, family, path), family
 
 
 def _layers_by_name(pieces: Mapping[str, LoraPiece], family: str, path: object) -> LoraWeights:
-    from ds_models_flux.lora import bfl_layer_from_flat, diffusers_lora_target
-
+    layer_from_flat = _family_flat_names(family)
+    diffusers_lora_target = _family_diffusers_names(family)[1]
     layers: LoraWeights = {}
     fused: dict[str, list[tuple[object, LoraPiece]]] = {}
     for module, piece in pieces.items():
         rank = piece.down.shape[0]
         alpha = float(piece.alpha) if piece.alpha is not None else float(rank)
         if module.startswith(KOHYA_PREFIX):
-            layer = bfl_layer_from_flat(module[len(KOHYA_PREFIX) :])
+            layer = layer_from_flat(module[len(KOHYA_PREFIX) :])
             if layer is None:
                 raise ValueError(f"{path}: {module} is not a {family} layer")
             layers[layer] = (piece.down.float(), piece.up.float(), alpha)
             continue
         target = diffusers_lora_target(module)
         if target is None:
-            if bfl_layer_from_flat(module.replace(".", "_")) == module:
+            if layer_from_flat(module.replace(".", "_")) == module:
                 layers[module] = (piece.down.float(), piece.up.float(), alpha)
                 continue
             raise ValueError(f"{path}: {module} is not a {family} layer")
@@ -268,17 +361,18 @@ def convert_lora_file(
     to: str = "comfyui",
     *,
     model: nn.Module | None = None,
-    family: str = "flux.1",
+    family: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Rewrite a LoRA file (any format ``pipe.load_lora`` reads) in format ``to``; the weight delta is unchanged.
 
     The source's metadata is kept (updated rank/alpha keys are recomputed); ``metadata`` adds or replaces keys.
+    ``family`` None: guessed from the source's layer names.
     """
     from ds_vram import read_safetensors_header
 
     source = Path(source)
-    layers = read_lora_layers(source, model=model, family=family)
+    layers, family = _read_layers(source, model, family)
     kept: dict[str, str] = {}
     if source.suffix == ".safetensors":
         kept = {k: v for k, v in read_safetensors_header(source)[1].items() if not k.startswith("ds.")}
@@ -293,16 +387,24 @@ def merge_lora_files(
     to: str = "comfyui",
     *,
     model: nn.Module | None = None,
-    family: str = "flux.1",
+    family: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """One LoRA whose delta is the weighted sum of several: ranks are concatenated, so the sum is exact."""
+    """One LoRA whose delta is the weighted sum of several: ranks are concatenated, so the sum is exact.
+
+    ``family`` None: guessed from each source's layer names; sources of different families are refused.
+    """
     merged: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    families: dict[str, str] = {}
     for path, scale in sources:
-        for layer, (down, up, alpha) in read_lora_layers(path, model=model, family=family).items():
+        layers, families[str(path)] = _read_layers(path, model, family)
+        for layer, (down, up, alpha) in layers.items():
             merged.setdefault(layer, []).append((down * (alpha / down.shape[0]) * scale, up))
     if not merged:
         raise ValueError("merge_lora_files: no sources given")
+    if len(set(families.values())) > 1:
+        raise ValueError(f"merge_lora_files: the sources are LoRAs of different model families: {families}")
+    family = next(iter(families.values()))
     layers = {}
     for layer, parts in merged.items():
         down = torch.cat([d for d, _ in parts])

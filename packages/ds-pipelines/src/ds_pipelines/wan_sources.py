@@ -10,7 +10,16 @@ from pathlib import Path
 
 from .lora import _Whole
 
-__all__ = ["component_sources", "find_preset", "named_sources", "source_folder", "spec_for", "wan_lora_target"]
+__all__ = [
+    "component_sources",
+    "find_preset",
+    "named_sources",
+    "source_folder",
+    "spec_for",
+    "wan_diffusers_lora_name",
+    "wan_layer_from_flat",
+    "wan_lora_target",
+]
 
 
 # ---------------------------------------------------------------------- LoRA names
@@ -40,6 +49,52 @@ def wan_lora_target(module_name: str) -> _Whole | None:
             if "{}" in template:  # linear_1 / linear_2 -> .0 / .2
                 return _Whole(template.format(0 if match[1] == "1" else 2))
             return _Whole(match.expand(template))
+    return None
+
+
+# Our (official) layer -> its diffusers module, the inverse of _DIFFUSERS_LORA (1:1: Wan fuses no layers). The
+# patterns are also the vocabulary of LoRA-able Wan layers that kohya flat names are read against.
+_OFFICIAL_LORA = [
+    (r"blocks\.(?P<i>\d+)\.self_attn\.(?P<p>q|k|v)", "blocks.{i}.attn1.to_{p}"),
+    (r"blocks\.(?P<i>\d+)\.self_attn\.o", "blocks.{i}.attn1.to_out.0"),
+    (r"blocks\.(?P<i>\d+)\.cross_attn\.(?P<p>q|k|v)", "blocks.{i}.attn2.to_{p}"),
+    (r"blocks\.(?P<i>\d+)\.cross_attn\.o", "blocks.{i}.attn2.to_out.0"),
+    (r"blocks\.(?P<i>\d+)\.cross_attn\.(?P<p>k|v)_img", "blocks.{i}.attn2.add_{p}_proj"),
+    (r"blocks\.(?P<i>\d+)\.ffn\.0", "blocks.{i}.ffn.net.0.proj"),
+    (r"blocks\.(?P<i>\d+)\.ffn\.2", "blocks.{i}.ffn.net.2"),
+    (r"head\.head", "proj_out"),
+    (r"text_embedding\.0", "condition_embedder.text_embedder.linear_1"),
+    (r"text_embedding\.2", "condition_embedder.text_embedder.linear_2"),
+    (r"time_embedding\.0", "condition_embedder.time_embedder.linear_1"),
+    (r"time_embedding\.2", "condition_embedder.time_embedder.linear_2"),
+    (r"time_projection\.1", "condition_embedder.time_proj"),
+    (r"img_emb\.proj\.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    (r"img_emb\.proj\.3", "condition_embedder.image_embedder.ff.net.2"),
+]
+_OFFICIAL_LORA_COMPILED = [(re.compile(pattern), template) for pattern, template in _OFFICIAL_LORA]
+# kohya/musubi-tuner flat names (blocks_0_cross_attn_k_img): dots become underscores, which makes a flat name
+# ambiguous on its own (k_img, self_attn), so it is matched against the vocabulary above instead of split.
+_FLAT_LORA_COMPILED = [
+    (re.compile(pattern.replace(r"\.", "_")), re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace(r"\.", "."))
+    for pattern, _ in _OFFICIAL_LORA
+]
+
+
+def wan_diffusers_lora_name(layer: str) -> str | None:
+    """The diffusers ``WanTransformer3DModel`` module a LoRA on our (official) ``layer`` is saved under, or None."""
+    for pattern, template in _OFFICIAL_LORA_COMPILED:
+        match = pattern.fullmatch(layer)
+        if match:
+            return template.format(**match.groupdict())
+    return None
+
+
+def wan_layer_from_flat(flat: str) -> str | None:
+    """Our layer for a kohya flat name without its ``lora_unet_`` prefix (``blocks_0_self_attn_q``), or None."""
+    for pattern, template in _FLAT_LORA_COMPILED:
+        match = pattern.fullmatch(flat)
+        if match:
+            return template.format(**match.groupdict())
     return None
 
 
