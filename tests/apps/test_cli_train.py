@@ -79,3 +79,22 @@ def test_train_help_runs_as_a_command() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--rank" in result.stdout and "diffsynth train lora --model" in result.stdout
+
+
+def test_train_wan_lora_on_clips(wan_files, tmp_path, capsys):
+    from tests.train.conftest import write_clips
+
+    clips = write_clips(tmp_path / "clips")
+    output = tmp_path / "wan"
+    common = ("--model", wan_files.t2v, "--data", clips, "--output", output, *SMALL, "--no-progress")
+    code, out, err = run_main(
+        capsys, "train", "lora", *common, "--num-frames", "5", "--rank", "4", "--lora-format", "kohya"
+    )
+    assert code == 0, err
+    assert "4 videos, 1 images" in err and "estimated peak memory" in err
+    with safe_open(out.strip(), "pt") as file:
+        keys = list(file.keys())
+    assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in keys
+    code, _, err = run_main(capsys, "train", "lora", *common, "--expert", "low_noise")
+    last = err.strip().splitlines()[-1]  # after the dataset's line, one line naming what to fix
+    assert code == 1 and last.startswith("diffsynth: error: expert='low_noise' needs a Wan2.2 A14B pair")

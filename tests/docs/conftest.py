@@ -87,7 +87,13 @@ def _shrunk(call, limits: dict[str, int]):
 def _shrunk_train(train):
     @functools.wraps(train)
     def shrunk_train(config, *args, **kwargs):
-        changes = {key: min(getattr(config, key), limit) for key, limit in TRAIN_SHRINK.items()}
+        # Unset sizes (the family's default) and frame counts are clamped too; an unset frame count stays unset.
+        changes = {
+            key: limit if getattr(config, key) is None else min(getattr(config, key), limit)
+            for key, limit in TRAIN_SHRINK.items()
+        }
+        if config.num_frames is not None:
+            changes["num_frames"] = min(config.num_frames, 5)
         return train(dataclasses.replace(config, **changes), *args, **kwargs)
 
     return shrunk_train

@@ -182,3 +182,55 @@ def test_wan_low_vram_inference(wan_files, tmp_path, monkeypatch):
     report = get_vram_handle(namespace["pipe"].dit).report()
     assert report.storage == "cpu" and report.streamed_bytes > 0
     assert video_frame_count(output) == 5
+
+
+WAN_TRAIN_TINY = ["--height", "32", "--width", "32", "--frames", "5", "--mixed-precision", "no", "--device", "cpu"]
+
+
+def test_wan_lora_training(wan_files, tmp_path, monkeypatch):
+    from ds_pipelines.lora_info import inspect_lora
+    from tests.train.conftest import write_clips
+
+    output = tmp_path / "run"
+    data = write_clips(tmp_path / "clips")
+    namespace = run_example(
+        "wan/lora_training.py",
+        "--model",
+        wan_files.t2v,
+        "--data",
+        data,
+        "--output",
+        output,
+        "--steps",
+        "2",
+        "--rank",
+        "4",
+        *WAN_TRAIN_TINY,
+        monkeypatch=monkeypatch,
+    )
+    assert namespace["result"].steps == 2
+    info = inspect_lora(output / "lora.safetensors")
+    assert info.format == "comfyui" and set(info.ranks) == {4}
+    assert video_frame_count(output / "sample.mp4") == 5
+
+
+def test_wan_full_training(wan_files, tmp_path, monkeypatch):
+    from tests.train.conftest import write_clips
+
+    output = tmp_path / "run"
+    data = write_clips(tmp_path / "clips")
+    namespace = run_example(
+        "wan/full_training.py",
+        "--model",
+        wan_files.t2v,
+        "--data",
+        data,
+        "--output",
+        output,
+        "--steps",
+        "2",
+        *WAN_TRAIN_TINY,
+        monkeypatch=monkeypatch,
+    )
+    assert namespace["result"].weights_path == output / "dit.safetensors"
+    assert video_frame_count(output / "sample.mp4") == 5

@@ -17,6 +17,9 @@ EXAMPLES = """examples:
       --gradient-checkpointing --cache --lora-format diffusers
   diffsynth train full --model demo-digits --data ./digits --output runs/digits --height 32 --width 32 \\
       --mixed-precision no --device cpu
+  diffsynth train lora --model wan2.1-t2v-1.3b --data ./clips --output runs/motion --num-frames 49 \\
+      --height 480 --width 832 --gradient-checkpointing --cache
+  diffsynth train lora --model wan2.2-t2v-a14b --data ./clips --output runs/high --expert high_noise --fp8-frozen
   diffsynth train lora ... --resume                   # continue from <output>/checkpoints
 
 The run folder holds checkpoints/, samples/, log.csv, loss.png, config.json and the final weights
@@ -27,7 +30,10 @@ Under `accelerate launch` the same command trains on several GPUs (DDP/FSDP from
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="preset, model id or local folder (official or diffusers)")
-    parser.add_argument("--data", required=True, type=Path, help="image folder with .txt captions, or metadata file")
+    parser.add_argument("--family", choices=["flux.1", "wan"], default=None, help="default: recognised from --model")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="folder of images (Wan: and videos) with .txt captions, or metadata"
+    )
     parser.add_argument("--output", required=True, type=Path, help="run folder")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -35,8 +41,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: 1e-4 (lora), 1e-5 (full)")
     parser.add_argument("--lr-scheduler", choices=["constant", "linear", "cosine"], default="constant")
     parser.add_argument("--lr-warmup-steps", type=int, default=0)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=None, help="default: FLUX.1 1024, Wan 480")
+    parser.add_argument("--width", type=int, default=None, help="default: FLUX.1 1024, Wan 832")
+    parser.add_argument("--num-frames", type=int, default=None, help="Wan: frames per clip, 4k+1 (default 81)")
+    parser.add_argument("--frame-stride", type=int, default=1, help="Wan: take every n-th frame of a video")
+    parser.add_argument(
+        "--expert", choices=["high_noise", "low_noise"], default=None, help="Wan2.2 A14B: which expert to train"
+    )
+    parser.add_argument("--sigma-shift", type=float, default=None, help="training sigma shift (default: family's)")
     parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of a centre crop")
     parser.add_argument("--repeats", type=int, default=1, help="times each image appears per epoch")
     parser.add_argument("--caption-dropout", type=float, default=0.0, help="share of steps on the empty prompt")

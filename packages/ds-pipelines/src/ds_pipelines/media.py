@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,10 +18,12 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "VideoFrames",
+    "VideoInfo",
     "atomic_path",
     "format_parameters",
     "image_to_tensor",
     "load_video",
+    "probe_video",
     "save_image",
     "save_video",
     "tensor_to_images",
@@ -178,24 +181,67 @@ def save_video(
     return path
 
 
-def load_video(path: str | os.PathLike, max_frames: int | None = None) -> VideoFrames:
-    """Frames of a video file as RGB PIL images, with its ``fps`` and the JSON ``comment`` tag ``save_video`` wrote."""
+def load_video(
+    path: str | os.PathLike, max_frames: int | None = None, *, stride: int = 1, read_parameters: bool = True
+) -> VideoFrames:
+    """Frames of a video file as RGB PIL images, with its ``fps`` and the JSON ``comment`` tag ``save_video`` wrote.
+
+    stride: keep every ``stride``-th frame (a 30 fps clip read at stride 2 moves like 15 fps); max_frames counts
+    kept frames. read_parameters=False skips the extra ffmpeg call that reads the comment (data loaders).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride={stride!r} must be an integer >= 1")
     imageio_ffmpeg = _imageio_ffmpeg()
     reader = imageio_ffmpeg.read_frames(str(path))
     info = next(reader)
     width, height = info["size"]
-    frames = VideoFrames(fps=info.get("fps"), parameters=_video_comment(imageio_ffmpeg, path))
+    parameters = _video_comment(imageio_ffmpeg, path) if read_parameters else {}
+    fps = info.get("fps")
+    frames = VideoFrames(fps=fps / stride if fps else fps, parameters=parameters)
     try:
-        for data in reader:
+        for index, data in enumerate(reader):
+            if index % stride:
+                continue
             frames.append(Image.frombytes("RGB", (width, height), data))
             if max_frames is not None and len(frames) >= max_frames:
                 break
     finally:
         reader.close()
     return frames
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What ``probe_video`` reads: frame count, size and frame rate."""
+
+    frames: int
+    width: int
+    height: int
+    fps: float | None
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Frame count, size and fps of a video without keeping its frames (ffmpeg decodes it once, in C).
+
+    Raises ``ValueError`` naming the file when ffmpeg cannot read it, so a dataset can list it as a broken row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    imageio_ffmpeg = _imageio_ffmpeg()
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        info = next(reader)
+        reader.close()
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except (OSError, RuntimeError, StopIteration, KeyError) as error:
+        lines = str(error).strip().splitlines()
+        raise ValueError(f"{path}: not a readable video: {lines[-1] if lines else type(error).__name__}") from error
+    width, height = info["size"]
+    return VideoInfo(int(frames), int(width), int(height), info.get("fps"))
 
 
 def _video_comment(imageio_ffmpeg, path: Path) -> dict:

@@ -142,15 +142,31 @@ class FlowMatchScheduler:
         generator: torch.Generator | None = None,
         image_sequence_length: int | None = None,
         sampling: str = "uniform",
+        shift: float | None = None,
+        sigma_range: tuple[float, float] | None = None,
     ) -> torch.Tensor:
-        """Sigmas to train at: ``"uniform"`` in (0, 1], or ``"logit_normal"`` (SD3's choice), then shifted."""
+        """Sigmas to train at: ``"uniform"`` in (0, 1], or ``"logit_normal"`` (SD3's choice), then shifted.
+
+        shift: replaces the template's (FLUX.1's resolution-dependent one, Wan's 5). sigma_range: ``(low, high)``
+        keeps the shifted sigmas inside it by drawing from its preimage, with the same distribution shape there:
+        a Wan2.2 A14B expert is trained only on the noise levels it samples (high noise: sigma >= boundary).
+        """
         if sampling == "uniform":
             raw = 1 - torch.rand(batch_size, generator=generator)
         elif sampling == "logit_normal":
             raw = torch.sigmoid(torch.randn(batch_size, generator=generator))
         else:
             raise ValueError(f"sampling={sampling!r} is not supported; use 'uniform' or 'logit_normal'")
-        return shift_sigmas(raw * self.template.sigma_max, self.template.shift_for(image_sequence_length))
+        shift = shift if shift is not None else self.template.shift_for(image_sequence_length)
+        top = self.template.sigma_max
+        if sigma_range is not None:
+            low, high = (min(max(float(s), 0.0), 1.0) for s in sigma_range)
+            # shift_sigmas(u, shift) is increasing in u; its inverse is u = s / (shift - (shift - 1) * s).
+            start, end = (min(s / (shift - (shift - 1) * s), top) for s in (low, high))
+            if not start < end:
+                raise ValueError(f"sigma_range={sigma_range!r} holds no sigma this schedule trains at")
+            return shift_sigmas(start + (end - start) * raw, shift)
+        return shift_sigmas(raw * top, shift)
 
     @staticmethod
     def training_weight(sigmas: torch.Tensor) -> torch.Tensor:

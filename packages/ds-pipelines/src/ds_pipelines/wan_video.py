@@ -442,7 +442,7 @@ class WanVideoPipeline(Pipeline):
             state.clip_feature = self.encode_clip(images if use_both else images[:1])
         if dit.config.in_dim > vae.z_dim:
             last = images[1] if end_image is not None else None
-            state.condition = self._frame_condition(images[0], last, num_frames, tiled, tiling)
+            state.condition = self.frame_condition(images[0], last, num_frames, tiled, **tiling)
         if input_video is not None:
             video = _video_pixels(input_video, num_frames, width, height)
             start = self.encode_video(video, tiled, **tiling)
@@ -469,10 +469,17 @@ class WanVideoPipeline(Pipeline):
         high = [index for index in steps if scheduler.model_timestep(index) >= threshold]
         return high, steps[len(high) :]
 
-    def _frame_condition(
-        self, first: torch.Tensor, last: torch.Tensor | None, num_frames: int, tiled: bool, tiling: dict
+    def frame_condition(
+        self,
+        first: torch.Tensor,
+        last: torch.Tensor | None,
+        num_frames: int,
+        tiled: bool = True,
+        **tiling: object,
     ) -> torch.Tensor:
         """The official ``y``: 4 mask channels (1 on given frames) and the latents of [first, zeros..., (last)].
+
+        ``first``/``last`` are (1, 3, H, W) in [-1, 1]; training builds the same condition from a clip's frames.
 
         The mask is at pixel-frame resolution with the first frame repeated 4 times, folded into 4 channels per
         latent frame, so latent frame 0 is all ones and (for FLF2V) the last latent frame's last channel is one.

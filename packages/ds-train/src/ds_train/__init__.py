@@ -9,7 +9,15 @@ from ds_pipelines.lora_io import convert_lora_file, merge_lora_files, read_lora_
 from .cache import build_cache, encode_sample, load_cached
 from .config import TrainingConfig, TrainingResult
 from .data import BrokenRow, DatasetError, ImageDataset, bucket_size
-from .family import ADAPTERS, FluxTrainingAdapter, TrainingAdapter, get_adapter
+from .family import (
+    ADAPTERS,
+    FluxTrainingAdapter,
+    TrainingAdapter,
+    WanTrainingAdapter,
+    adapter_for,
+    family_of_model,
+    get_adapter,
+)
 from .loop import train
 from .lora import add_lora, load_lora_state, lora_state, resolve_targets
 from .memory import MemoryEstimate, estimate_training_memory
@@ -26,6 +34,8 @@ __all__ = [
     "TrainingAdapter",
     "TrainingConfig",
     "TrainingResult",
+    "WanTrainingAdapter",
+    "adapter_for",
     "add_lora",
     "bucket_size",
     "build_cache",
@@ -33,6 +43,7 @@ __all__ = [
     "enable_gradient_checkpointing",
     "encode_sample",
     "estimate_training_memory",
+    "family_of_model",
     "get_adapter",
     "load_cached",
     "load_lora_state",

@@ -1,7 +1,8 @@
 """Encode prompts and images once, into one safetensors file per sample, and train from those files.
 
-A cached sample holds the family's conditions (FLUX.1: ``text``, ``pooled``) and ``latents``, without the batch
-dimension; ``empty.safetensors`` holds the empty prompt's conditions (caption dropout). Each file records the
+A cached sample holds the family's conditions (FLUX.1: ``text``, ``pooled``; Wan: ``context``, and for image-to-video
+models the first frame's ``condition`` and ``clip_feature``) and ``latents``, without the batch dimension;
+``empty.safetensors`` holds the empty prompt's conditions (caption dropout replaces only those). Each file records the
 caption, image size and model it was made from, so a changed dataset or model re-encodes instead of reusing
 stale files. Uncached training encodes sample by sample in the same way, so both give the same numbers.
 """
@@ -28,14 +29,27 @@ EncodedSample = tuple[dict[str, torch.Tensor], torch.Tensor]  # conditions, late
 def encode_sample(adapter: TrainingAdapter, pipe: Any, pixels: torch.Tensor | None, prompt: str) -> EncodedSample:
     """One sample's conditions and latents (``pixels`` (3, H, W) in [-1, 1]; None encodes the prompt only)."""
     conditions = {k: v[0].detach() for k, v in adapter.encode_prompts(pipe, [prompt]).items()}
-    latents = adapter.encode_images(pipe, pixels[None]).detach()[0] if pixels is not None else torch.zeros(0)
+    if pixels is None:
+        return conditions, torch.zeros(0)
+    latents = adapter.encode_images(pipe, pixels[None]).detach()[0]
+    for key, value in adapter.encode_pixel_conditions(pipe, pixels[None]).items():
+        conditions[key] = value[0].detach()
     return conditions, latents
 
 
 def _identity(dataset: ImageDataset, index: int, model: str) -> str:
     sample = dataset.samples[index]
-    width, height = dataset.sizes[index]
-    return json.dumps({"image": str(sample.image), "caption": sample.caption, "size": [width, height], "model": model})
+    width, height, frames = dataset.shape_of(index)
+    return json.dumps(
+        {
+            "image": str(sample.image),
+            "caption": sample.caption,
+            "size": [width, height],
+            "frames": frames,
+            "frame_stride": dataset.frame_stride,
+            "model": model,
+        }
+    )
 
 
 def build_cache(

@@ -12,15 +12,23 @@ __all__ = ["TrainingConfig", "TrainingResult"]
 
 _MODES = ("lora", "full")
 _PRECISIONS = ("no", "bf16", "fp16")
+_FAMILIES = ("flux.1", "wan")
 
 
 @dataclass
 class TrainingConfig:
     """Everything a run needs; the defaults train a FLUX.1 LoRA at 1024x1024.
 
-    model: anything ``FluxImagePipeline.from_pretrained`` accepts (preset, model id, local folder, or a
-        ``{component: path}`` mapping). data: a folder of images with same-name ``.txt`` captions, or a
-        ``metadata.csv/.json/.jsonl`` file. output: the run folder (checkpoints/, samples/, log.csv, loss.png and
+    model: anything the family pipeline's ``from_pretrained`` accepts (preset, model id, local folder, or a
+        ``{component: path}`` mapping). family: ``"flux.1"`` or ``"wan"``; None recognises it from ``model``.
+        data: a folder of images (and, for Wan, videos) with same-name ``.txt`` captions, or a
+        ``metadata.csv/.json/.jsonl`` file.
+    height/width: the training size; None takes the family's (FLUX.1 1024x1024, Wan 480x832). num_frames: frames
+        per video clip (Wan; None: 81, the released models' length; images are one-frame clips). frame_stride:
+        take every n-th frame of a video. expert: which Wan2.2 A14B expert to train (``"high_noise"`` or
+        ``"low_noise"``), at the noise levels it samples on either side of ``boundary`` (None: the release's).
+        sigma_shift: the shift of the training sigmas (None: the family's: FLUX.1's resolution-dependent one,
+        Wan's 5). output: the run folder (checkpoints/, samples/, log.csv, loss.png and
         the final weights: ``lora.safetensors`` or ``<component>.safetensors``).
     mode: ``"lora"`` trains peft adapters on the family's LoRA model (the DiT); ``"full"`` trains the
         components in ``trainable``. lora_targets: glob patterns over module names (``"double_blocks.*.img_attn.qkv"``)
@@ -38,6 +46,7 @@ class TrainingConfig:
     """
 
     model: str | os.PathLike | Mapping[str, Any] = "flux.1-dev"
+    family: str | None = None
     data: str | os.PathLike = ""
     output: str | os.PathLike = "runs/train"
     mode: str = "lora"
@@ -61,8 +70,10 @@ class TrainingConfig:
     lr_warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     # data
-    height: int = 1024
-    width: int = 1024
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    frame_stride: int = 1
     buckets: bool = False  # aspect-ratio buckets with height*width pixels each instead of a centre crop
     repeats: int = 1
     skip_broken: bool = False
@@ -73,6 +84,9 @@ class TrainingConfig:
     loss_weighting: str | None = None
     guidance: float = 1.0  # FLUX.1-dev's embedded guidance during training
     t5_sequence_length: int | None = None
+    sigma_shift: float | None = None
+    expert: str | None = None  # Wan2.2 A14B: high_noise | low_noise
+    boundary: float | None = None
     # precision and memory
     seed: int = 0
     mixed_precision: str = "bf16"
@@ -125,7 +139,7 @@ class TrainingConfig:
                 raise ValueError(f"TrainingConfig.{name}={value!r} must be an integer >= 1")
         for name in ("height", "width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 16 or value % 16:
+            if value is not None and (not isinstance(value, int) or value < 16 or value % 16):
                 raise ValueError(f"TrainingConfig.{name}={value!r} must be a multiple of 16 (at least 16)")
         if self.mode == "full" and not self.trainable:
             raise ValueError("TrainingConfig.trainable is empty; full mode needs components to train, e.g. ('dit',)")
@@ -139,6 +153,20 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.lora_format={self.lora_format!r}; use comfyui, kohya or diffusers")
         if self.checkpoint_every < 0 or self.sample_every < 0:
             raise ValueError("checkpoint_every and sample_every must be >= 0 (0 turns them off)")
+        self._validate_family_settings()
+
+    def _validate_family_settings(self) -> None:
+        """The video and family fields (Wan: frames, experts; both: the sigma shift)."""
+        if self.num_frames is not None and (not isinstance(self.num_frames, int) or self.num_frames < 1):
+            raise ValueError(f"TrainingConfig.num_frames={self.num_frames!r} must be an integer >= 1")
+        if not isinstance(self.frame_stride, int) or self.frame_stride < 1:
+            raise ValueError(f"TrainingConfig.frame_stride={self.frame_stride!r} must be an integer >= 1")
+        if self.family is not None and self.family not in _FAMILIES:
+            raise ValueError(f"TrainingConfig.family={self.family!r}; use one of {', '.join(_FAMILIES)} or None")
+        if self.expert not in (None, "high_noise", "low_noise"):
+            raise ValueError(f"TrainingConfig.expert={self.expert!r}; use 'high_noise', 'low_noise' or None")
+        if self.sigma_shift is not None and self.sigma_shift <= 0:
+            raise ValueError(f"TrainingConfig.sigma_shift={self.sigma_shift!r} must be > 0")
 
     @property
     def output_path(self) -> Path:

@@ -1,6 +1,7 @@
-"""Image-caption datasets: a folder with same-name ``.txt`` captions, or a metadata.csv/.json/.jsonl table.
+"""Image and video caption datasets: a folder with same-name ``.txt`` captions, or a metadata.csv/.json/.jsonl table.
 
-Every row is checked when the dataset is built (the file exists, the image opens, the caption is not empty), so
+Video models (``num_frames`` set) also read video files, and treat images as one-frame clips. Every row is checked
+when the dataset is built (the file exists, the image or video opens, the caption is not empty), so
 a broken row is reported with its row number and file before any model is loaded, instead of failing hours into
 a run. Broken rows are fatal by default (one error lists them all) or dropped with a warning.
 """
@@ -22,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 __all__ = ["BrokenRow", "DatasetError", "ImageDataset", "Sample", "bucket_size"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FILE_COLUMNS = ("image", "file_name", "file", "path")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
+FILE_COLUMNS = ("image", "video", "file_name", "file", "path")
 TEXT_COLUMNS = ("text", "prompt", "caption")
 METADATA_NAMES = ("metadata.jsonl", "metadata.json", "metadata.csv")
 TRIGGER = "[trigger]"
@@ -87,12 +89,15 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images and captions resized and centre-cropped to ``height x width`` (or bucketed; see ``buckets``).
+    """Images (and, for video models, clips) with captions, resized and centre-cropped to ``height x width``.
 
-    Items are dicts ``{"pixels": (3, H, W) float32 in [-1, 1], "prompt": str, "index": int}``. With
-    ``buckets=True`` each image keeps its aspect ratio at about ``height * width`` pixels (sides multiples of
-    16); use ``batches()`` to draw batches whose images share a size. ``trigger`` replaces ``[trigger]`` in
-    captions (and is prepended when ``prepend_trigger``). ``repeats`` lists every row that many times.
+    Items are dicts ``{"pixels": (3, H, W) float32 in [-1, 1], "prompt": str, "index": int}``; with ``num_frames``
+    set, ``pixels`` is ``(3, F, H, W)``: a video's first ``num_frames`` frames taken every ``frame_stride``-th
+    frame (a shorter clip keeps the longest count of the form ``1 + k * temporal_compression`` it holds, as Wan's
+    VAE needs), and an image is a clip of one frame. With ``buckets=True`` each file keeps its aspect ratio at
+    about ``height * width`` pixels (sides multiples of 16); use ``batches()`` to draw batches whose items share
+    a shape. ``trigger`` replaces ``[trigger]`` in captions (and is prepended when ``prepend_trigger``).
+    ``repeats`` lists every row that many times.
     """
 
     def __init__(
@@ -107,13 +112,22 @@ class ImageDataset(torch.utils.data.Dataset):
         prepend_trigger: bool = False,
         repeats: int = 1,
         require_captions: bool = True,
+        num_frames: int | None = None,
+        frame_stride: int = 1,
+        temporal_compression: int = 4,
     ):
         self.source = Path(source)
         self.height, self.width, self.buckets, self.repeats = height, width, buckets, repeats
-        rows, broken = _read_rows(self.source, require_captions)
-        samples, sizes = [], []
+        self.num_frames, self.frame_stride = num_frames, frame_stride
+        if num_frames is not None and (num_frames < 1 or (num_frames - 1) % temporal_compression):
+            raise ValueError(f"num_frames={num_frames!r} must be of the form 1 + k * {temporal_compression}")
+        rows, broken = _read_rows(self.source, require_captions, videos=num_frames is not None)
+        samples, sizes, frames = [], [], []
         for row in rows:
-            size, problem = _check_image(row.image)
+            if _is_video(row.image):
+                size, count, problem = self._check_video(row.image, temporal_compression)
+            else:
+                (size, problem), count = _check_image(row.image), 1
             if problem:
                 broken.append(BrokenRow(row.origin, str(row.image), problem))
                 continue
@@ -124,18 +138,46 @@ class ImageDataset(torch.utils.data.Dataset):
                     caption = f"{trigger}, {caption}" if caption else trigger
             samples.append(Sample(row.image, caption, row.origin))
             sizes.append(bucket_size(*size, height * width) if buckets else (width, height))
+            frames.append(count)
         if broken and not skip_broken:
             raise DatasetError(self.source, broken)
         if broken:
             listed = "\n  ".join(str(row) for row in broken[:20])
             warnings.warn(f"{self.source}: dropped {len(broken)} broken row(s):\n  {listed}", stacklevel=2)
         if not samples:
-            raise ValueError(f"{self.source}: no usable images (found {len(broken)} broken rows)")
-        self.samples, self.sizes, self.broken = samples, sizes, broken
+            raise ValueError(f"{self.source}: no usable files (found {len(broken)} broken rows)")
+        self.samples, self.sizes, self.frames, self.broken = samples, sizes, frames, broken
+
+    def _check_video(self, path: Path, temporal_compression: int) -> tuple[tuple[int, int], int, str | None]:
+        """(size, frames this clip gives, problem): the clip's frame count at the stride, cut to 1 + k * t."""
+        if self.num_frames is None:
+            return (0, 0), 0, "a video; this model trains on images (num_frames is not set)"
+        if not path.is_file():
+            return (0, 0), 0, "file not found"
+        from ds_pipelines.media import probe_video
+
+        try:
+            info = probe_video(path)
+        except ValueError as error:
+            return (0, 0), 0, f"unreadable video: {str(error).split(': ', 1)[-1]}"
+        available = (info.frames + self.frame_stride - 1) // self.frame_stride
+        if available < 1:
+            return (0, 0), 0, "the video has no frames"
+        usable = min(self.num_frames, (available - 1) // temporal_compression * temporal_compression + 1)
+        return (info.width, info.height), usable, None
 
     def describe(self) -> str:
         """One line for the run log: how many samples are used and how many were dropped, and why."""
+        videos = sum(1 for sample in self.samples if _is_video(sample.image))
         text = f"dataset {self.source}: {len(self.samples)} samples"
+        if videos:
+            short = sum(
+                1
+                for count, sample in zip(self.frames, self.samples, strict=True)
+                if _is_video(sample.image) and count < (self.num_frames or 1)
+            )
+            text += f" ({videos} videos, {len(self.samples) - videos} images"
+            text += f"; {short} clips shorter than {self.num_frames} frames)" if short else ")"
         if self.repeats > 1:
             text += f" x {self.repeats} repeats"
         if self.buckets:
@@ -154,20 +196,34 @@ class ImageDataset(torch.utils.data.Dataset):
         row = index % len(self.samples)
         sample = self.samples[row]
         width, height = self.sizes[row]
-        with Image.open(sample.image) as image:
-            pixels = _to_tensor(_resize_crop(image.convert("RGB"), width, height))
+        if _is_video(sample.image):
+            from ds_pipelines.media import load_video
+
+            clip = load_video(sample.image, self.frames[row], stride=self.frame_stride, read_parameters=False)
+            if len(clip) < self.frames[row]:
+                raise ValueError(f"{sample.origin}: {sample.image} gave {len(clip)} of {self.frames[row]} frames")
+            pixels = torch.stack([_to_tensor(_resize_crop(frame, width, height)) for frame in clip], dim=1)
+        else:
+            with Image.open(sample.image) as image:
+                pixels = _to_tensor(_resize_crop(image.convert("RGB"), width, height))
+            if self.num_frames is not None:
+                pixels = pixels[:, None]
         return {"pixels": pixels, "prompt": sample.caption, "index": row}
 
+    def shape_of(self, row: int) -> tuple[int, int, int]:
+        """(width, height, frames) of a row's items: batches are drawn within one shape."""
+        return (*self.sizes[row], self.frames[row])
+
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
-        """One epoch of shuffled index batches; with buckets, each batch holds one image size (last ones short)."""
+        """One epoch of shuffled index batches; items of a batch share a shape (size bucket and frame count)."""
         order = torch.randperm(len(self), generator=generator).tolist()
-        if not self.buckets:
+        if len({self.shape_of(row) for row in range(len(self.samples))}) == 1:
             for start in range(0, len(order), batch_size):
                 yield order[start : start + batch_size]
             return
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, int, int], list[int]] = {}
         for index in order:
-            group = groups.setdefault(self.sizes[index % len(self.samples)], [])
+            group = groups.setdefault(self.shape_of(index % len(self.samples)), [])
             group.append(index)
             if len(group) == batch_size:
                 yield list(group)
@@ -186,6 +242,10 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+def _is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
 def _check_image(path: Path) -> tuple[tuple[int, int], str | None]:
     if not path.is_file():
         return (0, 0), "file not found"
@@ -198,22 +258,24 @@ def _check_image(path: Path) -> tuple[tuple[int, int], str | None]:
     return size, None
 
 
-def _read_rows(source: Path, require_captions: bool) -> tuple[list[Sample], list[BrokenRow]]:
+def _read_rows(source: Path, require_captions: bool, videos: bool = False) -> tuple[list[Sample], list[BrokenRow]]:
     if source.is_dir():
         for name in METADATA_NAMES:
             if (source / name).is_file():
                 return _read_table(source / name, require_captions)
-        return _read_folder(source, require_captions)
+        return _read_folder(source, require_captions, videos)
     if source.is_file():
         return _read_table(source, require_captions)
     raise FileNotFoundError(f"dataset not found: {source} (a folder of images, or metadata.csv/.json/.jsonl)")
 
 
-def _read_folder(folder: Path, require_captions: bool) -> tuple[list[Sample], list[BrokenRow]]:
+def _read_folder(folder: Path, require_captions: bool, videos: bool = False) -> tuple[list[Sample], list[BrokenRow]]:
     rows, broken = [], []
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    suffixes = IMAGE_SUFFIXES + (VIDEO_SUFFIXES if videos else ())
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     if not images:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) and no metadata.csv/.json/.jsonl")
+        kinds = "images or videos" if videos else "images"
+        raise ValueError(f"{folder}: no {kinds} ({', '.join(suffixes)}) and no metadata.csv/.json/.jsonl")
     for image in images:
         caption_file = image.with_suffix(".txt")
         origin = str(image.relative_to(folder))

@@ -36,7 +36,7 @@ from .checkpoint import (
 )
 from .config import TrainingConfig, TrainingResult
 from .data import ImageDataset, collate
-from .family import TrainingAdapter, _unwrap, get_adapter
+from .family import TrainingAdapter, _unwrap, adapter_for
 from .logs import RunLog, draw_loss_curve
 from .lora import add_lora, load_lora_state, lora_state, resolve_targets
 from .memory import estimate_training_memory
@@ -67,11 +67,7 @@ def train(config: TrainingConfig, *, adapter: TrainingAdapter | None = None) -> 
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, kwargs_handlers=[ddp], cpu=config.device == "cpu"
     )
-    run = _Run(
-        config,
-        accelerator,
-        adapter or get_adapter(guidance=config.guidance, t5_sequence_length=config.t5_sequence_length),
-    )
+    run = _Run(config, accelerator, adapter or adapter_for(config))
     return run.execute()
 
 
@@ -85,6 +81,9 @@ class _Run:
         self.main = accelerator.is_main_process
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.weight_dtype = parse_dtype(config.weight_dtype, config.mixed_precision)
+        self.height = config.height or adapter.default_size[0]
+        self.width = config.width or adapter.default_size[1]
+        self.num_frames = config.num_frames or adapter.default_num_frames
         self.sampling = config.timestep_sampling or adapter.default_timestep_sampling
         self.weighting = config.loss_weighting or adapter.default_loss_weighting
         self.losses: list[float] = []
@@ -103,15 +102,19 @@ class _Run:
             (self.output / "config.json").write_text(json.dumps(config.to_json(), indent=1, default=str))
         self.dataset = ImageDataset(
             config.data,
-            config.height,
-            config.width,
+            self.height,
+            self.width,
             buckets=config.buckets,
             skip_broken=config.skip_broken,
             trigger=config.trigger_words[0] if config.trigger_words else None,
             repeats=config.repeats,
+            num_frames=self.num_frames,
+            frame_stride=config.frame_stride,
+            temporal_compression=self.adapter.temporal_compression,
         )
         self.say(self.dataset.describe())
         self.pipe = self.adapter.load_pipeline(config.model, self.device, self.weight_dtype, self._vram_configs())
+        self.adapter.check(self.pipe, self.height, self.width, self.num_frames)
         self.model_name = str(config.model) if not isinstance(config.model, dict) else "custom"
         if config.cache:
             self._build_cache()
@@ -208,10 +211,9 @@ class _Run:
         if not (self.config.print_memory_estimate and self.main):
             return
         model, config = self.model, self.config
-        hidden = getattr(getattr(_unwrap(model), "config", None), "hidden_size", 0) or 0
-        text_tokens = self.adapter.t5_sequence_length if hasattr(self.adapter, "t5_sequence_length") else None
-        text_tokens = text_tokens or getattr(self.pipe, "default_t5_sequence_length", lambda: 0)()
-        tokens = config.height * config.width // 256 + text_tokens
+        model_config = getattr(_unwrap(model), "config", None)
+        hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "dim", 0) or 0
+        tokens = self.adapter.estimated_tokens(self.pipe, self.height, self.width, self.num_frames)
         estimate = estimate_training_memory(
             model,
             resident_frozen_bytes=None,
@@ -275,8 +277,10 @@ class _Run:
         if self.config.caption_dropout:
             empty = self._empty_conditions()
             drop = torch.rand(latents.shape[0], generator=self.generator) < self.config.caption_dropout
-            conditions = {
+            conditions = {  # only the prompt's conditions: a first frame an I2V model starts from stays
                 k: torch.where(_expand(drop, v), empty[k].to(v.device, v.dtype)[None].expand_as(v), v)
+                if k in empty
+                else v
                 for k, v in conditions.items()
             }
         conditions = {k: v.to(self.device, self.weight_dtype) for k, v in conditions.items()}
@@ -361,18 +365,19 @@ class _Run:
             folder = self.output / "samples"
             folder.mkdir(parents=True, exist_ok=True)
             self.model.eval()
+            reference = self.dataset[0]["pixels"]  # image-to-video models sample from its first frame
             for index, prompt in enumerate(self.config.sample_prompts):
-                image = self.adapter.sample(
+                result = self.adapter.sample(
                     self.pipe,
                     prompt,
                     self.config.sample_seed + index,
-                    self.config.height,
-                    self.config.width,
+                    self.height,
+                    self.width,
                     self.config.sample_inference_steps,
+                    self.num_frames,
+                    reference,
                 )
-                path = folder / f"step-{step:06d}-{index}.png"
-                image.save(path)
-                self.samples.append(path)
+                self.samples.append(self.adapter.save_sample(result, folder / f"step-{step:06d}-{index}"))
             self.model.train()
         self.accelerator.wait_for_everyone()
 
@@ -461,7 +466,7 @@ class _Run:
             "alpha": str(config.lora_alpha),
             "steps": str(step),
             "trigger_words": ", ".join(config.trigger_words),
-            "resolution": f"{config.width}x{config.height}",
+            "resolution": f"{self.width}x{self.height}",
             "learning_rate": str(config.learning_rate),
             "num_train_images": str(len(self.dataset.samples)),
             "targets": ",".join(config.lora_targets or self.adapter.default_lora_targets),
