@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ds_cli.common import formatter, gib, table
+
+if TYPE_CHECKING:  # ds_pipelines is imported when a command runs, so that --help stays fast
+    from ds_pipelines import MemoryNeed
+
+ESTIMATED_FOOTNOTE = "~ estimated: no GPU measurement recorded yet; run benchmarks/memory.py on a GPU"
 
 EXAMPLES = """examples:
   diffsynth models list                      # every preset of every installed family, sizes, memory needs
@@ -15,7 +21,8 @@ EXAMPLES = """examples:
   diffsynth models download flux.1-dev --source huggingface
   diffsynth models inspect flux1-dev.safetensors
 
-Memory columns are estimates for one generation at the model's default size (see "diffsynth vram --help"):
+Memory columns are the peak GPU memory of one generation at the model's default size: measured on a GPU where
+benchmarks/memory.py recorded it, else estimated and marked "~" (see "diffsynth vram --help"):
   resident  every model on the GPU in bf16          (no flags)
   offload   one model at a time in bf16             (--storage cpu)
   fp8       one model at a time, weights in FP8     (--fp8)
@@ -45,19 +52,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ds_pipelines import MEMORY_SETTINGS, estimate_memory, list_models
+    from ds_pipelines import MEMORY_SETTINGS, list_models, memory_need
 
     entries = list_models(tuple(args.family) if args.family else None)
     if not entries:
         raise RuntimeError("no models found: install a family package (ds-models-flux, ds-models-wan)")
     rows = [("name", "family", "kind", "params", "bf16 weights", *MEMORY_SETTINGS)]
+    estimated = False
     for entry in entries:
-        needs = [estimate_memory(entry, s, args.height, args.width, args.frames) for s in MEMORY_SETTINGS]
+        needs = [memory_need(entry, s, args.height, args.width, args.frames) for s in MEMORY_SETTINGS]
+        estimated |= any(not need.measured and need.bytes is not None for need in needs)
         params = _count(entry.parameters) if entry.components else "?"
         size = gib(entry.bf16_bytes) if entry.components else "?"
-        rows.append((entry.name, entry.family, entry.kind, params, size, *map(gib, needs)))
+        rows.append((entry.name, entry.family, entry.kind, params, size, *map(need_text, needs)))
     print(table(rows, right=range(3, 5 + len(MEMORY_SETTINGS))))
-    print("\nmemory columns are estimates (see: diffsynth vram --help)", file=sys.stderr)
+    if estimated:
+        print(f"\n{ESTIMATED_FOOTNOTE}", file=sys.stderr)
     return 0
 
 
@@ -84,6 +94,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     return {"list": _list, "download": _download, "inspect": _inspect}[args.models_command](args)
+
+
+def need_text(need: MemoryNeed) -> str:
+    """A ``MemoryNeed`` in GiB: plain when a GPU measured it, ``~`` before an estimate, ``?`` when unsized."""
+    if need.bytes is None:
+        return "?"
+    return gib(need.bytes) if need.measured else f"~{gib(need.bytes)}"
 
 
 def _count(parameters: int) -> str:

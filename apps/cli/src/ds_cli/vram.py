@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 
 from ds_cli.common import UsageError, formatter, gib, table
+from ds_cli.models import ESTIMATED_FOOTNOTE, need_text
 
 EXAMPLES = """examples:
   diffsynth vram --model flux.1-dev --gpu-memory 8
   diffsynth vram --model flux.1-dev --gpu-memory 24 --height 1536 --width 1536
   diffsynth vram --model wan2.1-t2v-14b --gpu-memory 16 --frames 81
 
-The rule (estimates from parameter counts of the released configs, built on the meta device):
+Needs are peak GPU memory measured by benchmarks/memory.py on a CUDA GPU where one is recorded for this model,
+setting and size; otherwise estimated (marked "~") by this rule, from parameter counts of the released configs:
   need = weights on the GPU + activations + 1 GiB (CUDA context, cuBLAS workspace, allocator slack)
   weights: resident = all models in bf16; offload = the largest model in bf16; fp8 = the largest model in
            FP8 (Linear/Conv/Embedding weights, 1 byte + a float32 scale per output channel); stream = three
@@ -47,7 +49,7 @@ def _flags(suggestion: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ds_pipelines import MEMORY_SETTINGS, estimate_memory, get_model_entry, suggest_vram
+    from ds_pipelines import MEMORY_SETTINGS, get_model_entry, memory_need, suggest_vram
 
     if args.gpu_memory <= 0:
         raise UsageError(f"--gpu-memory {args.gpu_memory}: must be a positive number of GiB")
@@ -62,10 +64,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"cli flags  {_flags(suggestion)}")
     if not suggestion.fits:
         print("warning    no setting fits this GPU at this size; expect out-of-memory errors")
-    rows = [("setting", "estimated need", "fits")]
+    rows = [("setting", "need", "fits")]
+    estimated = False
     for setting in MEMORY_SETTINGS:
-        need = estimate_memory(entry, setting, args.height, args.width, args.frames)
-        rows.append((setting, gib(need), "yes" if need <= args.gpu_memory * 1024**3 else "no"))
+        need = memory_need(entry, setting, args.height, args.width, args.frames)
+        estimated |= not need.measured
+        rows.append((setting, need_text(need), "yes" if need.bytes <= args.gpu_memory * 1024**3 else "no"))
     print()
     print(table(rows, right=(1,)))
+    if estimated:
+        print(ESTIMATED_FOOTNOTE)
     return 0

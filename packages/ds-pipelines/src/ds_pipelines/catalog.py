@@ -18,7 +18,14 @@ and "activations" is the larger of the DiT's (tokens x the widest Linear output 
 the VAE decoder's (3 KiB per output pixel and decoded frame, 4 frames at a time for video). The 3 KiB is
 chosen so that FLUX.1 at 1024x1024 needs about 4.5 GiB above its weights, the gap between loaded and peak
 memory that the Hugging Face quantization blog measured for FLUX.1-dev on an H100 (31.4 GB loaded, 36.2 GB
-peak). Replace these constants with our own GPU measurements as benchmarks record them.
+peak).
+
+Measurements replace the rule wherever they exist: ``measured_memory.json`` beside this module (or the file named
+by ``$DIFFSYNTH_MEASURED_MEMORY``) holds what ``benchmarks/memory.py`` recorded on a CUDA GPU for a preset, a
+setting and an output size. ``memory_need`` returns the measured peak for exactly that preset, setting, height,
+width and frame count, and the rule's estimate otherwise, and says which (``MemoryNeed.measured``/``source``).
+Only CUDA measurements count (the benchmark's ``--device cpu --tiny`` smoke runs are ignored); a malformed file
+gives a warning naming it and the estimates.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -40,12 +49,14 @@ from ds_vram import estimate_weights
 __all__ = [
     "MEMORY_SETTINGS",
     "ComponentSize",
+    "MemoryNeed",
     "ModelEntry",
     "VRAMSuggestion",
     "download_model",
     "estimate_memory",
     "get_model_entry",
     "list_models",
+    "memory_need",
     "pipeline_for",
     "preset_defaults",
     "suggest_vram",
@@ -59,6 +70,9 @@ BASE_OVERHEAD = 1 * GIB  # CUDA context, cuBLAS workspace, allocator slack
 VAE_BYTES_PER_PIXEL = 3 * 1024  # decoder activations per output pixel and frame decoded at once
 DIT_LIVE_TENSORS = 3  # the widest layer's input, output and one temporary
 PREFETCH = 2  # ds-vram's default: layers fetched ahead while one computes
+MEASURED_MEMORY_FILE = Path(__file__).with_name("measured_memory.json")
+MEASURED_MEMORY_ENV = "DIFFSYNTH_MEASURED_MEMORY"  # another measurements file (a benchmark's --output)
+ESTIMATED = "estimated"
 
 
 @dataclass(frozen=True)
@@ -137,9 +151,10 @@ def _widest_linear(module: nn.Module) -> int:
     return max((m.out_features for m in module.modules() if isinstance(m, nn.Linear)), default=0)
 
 
-def _flux_text_encoders() -> dict[str, nn.Module]:
-    """CLIP-L text model and the T5-XXL encoder at the sizes every FLUX.1 release ships."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+def _flux_text_encoder_configs() -> dict[str, object]:
+    """CLIP-L text model and T5-XXL encoder configs at the sizes every FLUX.1 release ships (benchmarks build them
+    on a GPU; ``_flux_text_encoders`` on meta)."""
+    from transformers import CLIPTextConfig, T5Config
 
     clip = CLIPTextConfig(
         vocab_size=49408,
@@ -162,8 +177,19 @@ def _flux_text_encoders() -> dict[str, nn.Module]:
         is_encoder_decoder=False,
         use_cache=False,
     )
+    return {"text_encoder": clip, "text_encoder_2": t5}
+
+
+def _flux_text_encoders() -> dict[str, nn.Module]:
+    """CLIP-L text model and the T5-XXL encoder on the meta device."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    configs = _flux_text_encoder_configs()
     with torch.device("meta"):
-        return {"text_encoder": CLIPTextModel(clip), "text_encoder_2": T5EncoderModel(t5)}
+        return {
+            "text_encoder": CLIPTextModel(configs["text_encoder"]),
+            "text_encoder_2": T5EncoderModel(configs["text_encoder_2"]),
+        }
 
 
 def _flux_entries() -> list[ModelEntry]:
@@ -251,7 +277,7 @@ def _wan_entries() -> list[ModelEntry]:
             components, widest = _wan_components(wan, preset)
         except (ImportError, AttributeError, ValueError, TypeError) as error:  # a family still being built: no sizes
             logger.debug("cannot size Wan preset %s: %s", name, error)
-        height, width = getattr(preset, "default_size", None) or (480, 832)
+        height, width = getattr(preset, "height", None) or 480, getattr(preset, "width", None) or 832
         entries.append(
             ModelEntry(
                 name,
@@ -351,12 +377,21 @@ def activation_bytes(
     return max(dit, vae)
 
 
-def estimate_memory(
-    entry: ModelEntry, setting: str, height: int | None = None, width: int | None = None, frames: int | None = None
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Peak GPU bytes of one generation (None: the model is unsized), and whether a GPU measured it.
+
+    source: ``"measured on <GPU> (<date>)"`` or ``"estimated"``.
+    """
+
+    bytes: int | None
+    measured: bool
+    source: str
+
+
+def _rule_estimate(
+    entry: ModelEntry, setting: str, height: int | None, width: int | None, frames: int | None
 ) -> int | None:
-    """Estimated peak GPU bytes of one generation under ``setting`` (see the module docstring); None if unsized."""
-    if setting not in MEMORY_SETTINGS:
-        raise ValueError(f"setting={setting!r} is not one of {', '.join(MEMORY_SETTINGS)}")
     if not entry.components:
         return None
     if setting == "resident":
@@ -370,6 +405,69 @@ def estimate_memory(
     return weights + activation_bytes(entry, height, width, frames) + BASE_OVERHEAD
 
 
+def measured_memory_file() -> Path:
+    """The measurements file in use: ``$DIFFSYNTH_MEASURED_MEMORY`` when set, else the one shipped beside us."""
+    return Path(os.environ.get(MEASURED_MEMORY_ENV) or MEASURED_MEMORY_FILE)
+
+
+@lru_cache(maxsize=4)
+def _read_measurements(path: str, mtime_ns: int, size: int) -> dict[tuple, tuple[int, str]]:
+    """``(preset, setting, height, width, frames) -> (peak bytes, "measured on <GPU> (<date>)")`` of CUDA records.
+
+    Cached per file version (mtime and size), so a benchmark writing the file mid-session is seen.
+    """
+    if size == 0:
+        return {}
+    try:
+        records = json.loads(Path(path).read_text())["measurements"]
+        if not isinstance(records, list):
+            raise TypeError(f"'measurements' is a {type(records).__name__}, not a list")
+        found: dict[tuple, tuple[int, str]] = {}
+        for record in records:
+            key = (record["preset"], record["setting"], int(record["height"]), int(record["width"]))
+            key += (int(record["frames"]),)
+            if record["device"] != "cuda" or record.get("tiny") or record["status"] != "ok":
+                continue  # CPU smoke runs measure nothing; "oom" says only that it did not fit that GPU
+            peak = int(record["peak_bytes"])
+            if key not in found or peak > found[key][0]:  # two GPUs measured it: plan for the larger
+                found[key] = (peak, f"measured on {record['gpu']} ({record.get('date', 'undated')})")
+        return found
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        warnings.warn(f"{path}: malformed measured-memory file ({error!r}); using estimates", stacklevel=2)
+        return {}
+
+
+def _measurements() -> dict[tuple, tuple[int, str]]:
+    path = measured_memory_file()
+    try:
+        stat = path.stat()
+    except OSError:  # absent: no measurements yet
+        return {}
+    return _read_measurements(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def memory_need(
+    entry: ModelEntry, setting: str, height: int | None = None, width: int | None = None, frames: int | None = None
+) -> MemoryNeed:
+    """Peak GPU bytes of one generation under ``setting``: a CUDA measurement of this preset at exactly this size
+    when one is recorded, else the rule's estimate (see the module docstring)."""
+    if setting not in MEMORY_SETTINGS:
+        raise ValueError(f"setting={setting!r} is not one of {', '.join(MEMORY_SETTINGS)}")
+    size = (height or entry.height, width or entry.width, (frames or entry.frames) if entry.kind == "video" else 1)
+    measured = _measurements().get((entry.name, setting, *size))
+    if measured is not None:
+        return MemoryNeed(measured[0], True, measured[1])
+    return MemoryNeed(_rule_estimate(entry, setting, height, width, frames), False, ESTIMATED)
+
+
+def estimate_memory(
+    entry: ModelEntry, setting: str, height: int | None = None, width: int | None = None, frames: int | None = None
+) -> int | None:
+    """Peak GPU bytes of one generation under ``setting``, measured where recorded, else estimated (see
+    ``memory_need``, which also says which); None if the model is unsized."""
+    return memory_need(entry, setting, height, width, frames).bytes
+
+
 def suggest_vram(
     entry: ModelEntry,
     gpu_memory: float,
@@ -377,12 +475,17 @@ def suggest_vram(
     width: int | None = None,
     frames: int | None = None,
 ) -> VRAMSuggestion:
-    """The fastest setting whose estimate fits ``gpu_memory`` GiB: resident, offload, fp8, then FP8 with a
-    ``vram_limit`` that fills what activations and the streaming buffer leave free."""
+    """The fastest setting whose need fits ``gpu_memory`` GiB: resident, offload, fp8, then FP8 with a
+    ``vram_limit`` that fills what activations and the streaming buffer leave free.
+
+    Needs are GPU measurements where recorded (``memory_need``); ``reason`` ends with "(measured on <GPU> ...)"
+    or "(estimated)" for the setting it chose.
+    """
     if gpu_memory <= 0:
         raise ValueError(f"gpu_memory={gpu_memory} must be a positive number of GiB")
     budget = int(gpu_memory * GIB)
-    needs = {setting: estimate_memory(entry, setting, height, width, frames) for setting in MEMORY_SETTINGS}
+    found = {setting: memory_need(entry, setting, height, width, frames) for setting in MEMORY_SETTINGS}
+    needs = {setting: need.bytes for setting, need in found.items()}
     if needs["resident"] is None:
         raise ValueError(f"{entry.name}: no size is known for this model, so no setting can be suggested")
     gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
@@ -394,7 +497,7 @@ def suggest_vram(
             None,
             needs["resident"],
             True,
-            f"everything fits: {gib(needs['resident'])} of {gib(budget)}",
+            f"everything fits: {gib(needs['resident'])} of {gib(budget)} ({found['resident'].source})",
         )
     if needs["offload"] <= budget:
         return VRAMSuggestion(
@@ -404,7 +507,7 @@ def suggest_vram(
             None,
             needs["offload"],
             True,
-            f"one model at a time fits in bf16: {gib(needs['offload'])} of {gib(budget)}",
+            f"one model at a time fits in bf16: {gib(needs['offload'])} of {gib(budget)} ({found['offload'].source})",
         )
     if needs["fp8"] <= budget:
         return VRAMSuggestion(
@@ -414,7 +517,7 @@ def suggest_vram(
             None,
             needs["fp8"],
             True,
-            f"one model at a time fits in FP8: {gib(needs['fp8'])} of {gib(budget)}",
+            f"one model at a time fits in FP8: {gib(needs['fp8'])} of {gib(budget)} ({found['fp8'].source})",
         )
     streaming = needs["stream"]
     spare = budget - streaming
@@ -427,6 +530,7 @@ def suggest_vram(
         else f"even streaming every layer needs about {gib(streaming)}, more than {gib(budget)}; "
         "lower the size or frame count"
     )
+    reason += f" ({found['stream'].source})"
     return VRAMSuggestion("stream", "cpu", "fp8", limit, streaming + int(limit * GIB), fits, reason)
 
 
