@@ -32,8 +32,8 @@ ALLOWED: dict[str, set[str]] = {
     **{family: {"ds_models_core", "ds_loader", "ds_vram"} for family in FAMILIES},
     "ds_pipelines": {"ds_models_core", "ds_loader", "ds_vram", *FAMILIES},
     "ds_train": {"ds_pipelines"},
-    "ds_cli": {"ds_pipelines", "ds_train", "ds_vram", "ds_loader"},
-    "ds_notebook": {"ds_pipelines", "ds_train", "ds_vram", "ds_loader"},
+    "ds_cli": {"ds_pipelines", "ds_train"},
+    "ds_notebook": {"ds_pipelines", "ds_train"},
 }
 REUSED_FAMILIES = {("ds_models_z_image", "ds_models_flux")}
 # Import names whose distribution is named differently.

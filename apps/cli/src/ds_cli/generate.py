@@ -81,7 +81,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _vram_config(args: argparse.Namespace, dtype: object) -> object | None:
     if args.vram_limit is None and not args.fp8 and args.storage is None:
         return None
-    from ds_vram import VRAMConfig
+    from ds_pipelines import VRAMConfig
 
     if args.vram_limit is not None and args.storage == "device":
         raise UsageError("--vram-limit streams weights from CPU RAM or disk; use --storage cpu or disk with it")

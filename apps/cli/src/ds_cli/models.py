@@ -84,7 +84,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ds_loader import inspect_checkpoint
+    from ds_pipelines import inspect_checkpoint
 
     if not args.path.exists():
         raise FileNotFoundError(f"{args.path}: no such file or folder")

@@ -1,7 +1,9 @@
 """ds-pipelines: from prompt to pixels, and the sampling math that training shares."""
 
-# Pipelines take ``vram=VRAMConfig(...)`` and report what ds-vram manages: packages above ds-pipelines (ds-train,
-# the apps) use ds-vram through these names, as DESIGN.md's import rules ask.
+# Pipelines take ``vram=VRAMConfig(...)``, report what ds-vram manages and load what ds-loader inspects: packages
+# above ds-pipelines (ds-train, the apps) use ds-vram and ds-loader through these names, as DESIGN.md's import
+# rules ask.
+from ds_loader import inspect_checkpoint
 from ds_vram import VRAMConfig, get_vram_handle
 
 from .base import Pipeline, PipelineStepError, pipeline_step
@@ -50,6 +52,7 @@ __all__ = [
     "get_model_entry",
     "get_vram_handle",
     "image_to_tensor",
+    "inspect_checkpoint",
     "inspect_lora",
     "list_models",
     "load_video",
