@@ -187,50 +187,19 @@ def test_wan_low_vram_inference(wan_files, tmp_path, monkeypatch):
 WAN_TRAIN_TINY = ["--height", "32", "--width", "32", "--frames", "5", "--mixed-precision", "no", "--device", "cpu"]
 
 
-def test_wan_lora_training(wan_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("script", "extra", "weights"),
+    [("wan/lora_training.py", ["--rank", "4"], "lora.safetensors"), ("wan/full_training.py", [], "dit.safetensors")],
+)
+def test_wan_training(script, extra, weights, wan_files, tmp_path, monkeypatch):
     from ds_pipelines.lora_info import inspect_lora
     from tests.train.conftest import write_clips
 
-    output = tmp_path / "run"
-    data = write_clips(tmp_path / "clips")
-    namespace = run_example(
-        "wan/lora_training.py",
-        "--model",
-        wan_files.t2v,
-        "--data",
-        data,
-        "--output",
-        output,
-        "--steps",
-        "2",
-        "--rank",
-        "4",
-        *WAN_TRAIN_TINY,
-        monkeypatch=monkeypatch,
-    )
-    assert namespace["result"].steps == 2
-    info = inspect_lora(output / "lora.safetensors")
-    assert info.format == "comfyui" and set(info.ranks) == {4}
-    assert video_frame_count(output / "sample.mp4") == 5
-
-
-def test_wan_full_training(wan_files, tmp_path, monkeypatch):
-    from tests.train.conftest import write_clips
-
-    output = tmp_path / "run"
-    data = write_clips(tmp_path / "clips")
-    namespace = run_example(
-        "wan/full_training.py",
-        "--model",
-        wan_files.t2v,
-        "--data",
-        data,
-        "--output",
-        output,
-        "--steps",
-        "2",
-        *WAN_TRAIN_TINY,
-        monkeypatch=monkeypatch,
-    )
-    assert namespace["result"].weights_path == output / "dit.safetensors"
+    output, data = tmp_path / "run", write_clips(tmp_path / "clips")
+    arguments = ["--model", wan_files.t2v, "--data", data, "--output", output, "--steps", "2", *extra]
+    namespace = run_example(script, *arguments, *WAN_TRAIN_TINY, monkeypatch=monkeypatch)
+    assert namespace["result"].steps == 2 and namespace["result"].weights_path == output / weights
+    if weights == "lora.safetensors":
+        info = inspect_lora(output / weights)
+        assert info.format == "comfyui" and set(info.ranks) == {4}
     assert video_frame_count(output / "sample.mp4") == 5
