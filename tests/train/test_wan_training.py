@@ -5,7 +5,9 @@ same in our pipeline and in diffusers."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -192,3 +194,40 @@ def test_one_a14b_expert_trains_at_its_own_noise_levels(wan_files, clips, tmp_pa
         assert any(key.startswith("diffusion_model.blocks.") for key in file.keys())  # noqa: SIM118
     pipe.load_lora(result.weights_path, expert="low_noise")
     assert pipe.dit2 is not None
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the DiT: records what it is called with and predicts zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(patch_size=(1, 2, 2))
+        self.calls = []
+
+    def forward(self, latents, timesteps, context, clip_feature=None, condition=None):
+        self.calls.append((latents.clone(), timesteps.clone()))
+        return torch.zeros_like(latents)
+
+
+def test_ti2v_first_frame_is_given_clean_at_timestep_zero_and_left_out_of_the_loss(wan_files, clips, tmp_path):
+    adapter = WanTrainingAdapter(first_frame_conditioning=True)
+    latents, noisy = torch.randn(2, 48, 3, 4, 6), torch.randn(2, 48, 3, 4, 6)
+    conditions = {"context": torch.zeros(2, 7, 32), "first_frame": latents[:, :, :1]}
+    model = _Recorder()
+    adapter.predict(model, noisy, torch.tensor([0.25, 0.75]), conditions)
+    seen, timesteps = model.calls[0]
+    torch.testing.assert_close(seen[:, :, :1], latents[:, :, :1])  # the given frame, clean
+    torch.testing.assert_close(seen[:, :, 1:], noisy[:, :, 1:])
+    assert timesteps.shape == (2, 3 * 2 * 3)  # one per token: 3 frames of 2x3 patches
+    assert timesteps[:, :6].eq(0).all() and timesteps[0, 6:].eq(250).all() and timesteps[1, 6:].eq(750).all()
+    mask = adapter.loss_mask(conditions, latents)
+    assert mask[0, 0, :, 0, 0].tolist() == [0, 1, 1]
+
+    run = config(wan_files.ti2v, clips, tmp_path / "ti2v", steps=2, lora_rank=2, cache=True)
+    result = train(dataclasses.replace(run, first_frame_conditioning=True))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    cached, cached_latents = load_cached(tmp_path / "ti2v" / "cache" / "000000.safetensors")
+    # The 2.2 VAE is causal: the first frame alone encodes to the clip's first latent frame.
+    torch.testing.assert_close(cached["first_frame"], cached_latents[:, :1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"first_frame_conditioning trains Wan2\.2-TI2V-5B"):
+        train(dataclasses.replace(run, output=tmp_path / "t2v", model=wan_files.t2v, first_frame_conditioning=True))

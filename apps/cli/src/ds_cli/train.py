@@ -48,6 +48,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expert", choices=["high_noise", "low_noise"], default=None, help="Wan2.2 A14B: which expert to train"
     )
+    parser.add_argument(
+        "--first-frame-conditioning",
+        action="store_true",
+        help="Wan2.2-TI2V-5B: train its image-to-video mode (each clip's first frame given clean)",
+    )
     parser.add_argument("--sigma-shift", type=float, default=None, help="training sigma shift (default: family's)")
     parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of a centre crop")
     parser.add_argument("--repeats", type=int, default=1, help="times each image appears per epoch")

@@ -27,6 +27,7 @@ class TrainingConfig:
         per video clip (Wan; None: 81, the released models' length; images are one-frame clips). frame_stride:
         take every n-th frame of a video. expert: which Wan2.2 A14B expert to train (``"high_noise"`` or
         ``"low_noise"``), at the noise levels it samples on either side of ``boundary`` (None: the release's).
+        first_frame_conditioning: train Wan2.2-TI2V-5B's image-to-video mode (each clip's first frame given clean).
         sigma_shift: the shift of the training sigmas (None: the family's: FLUX.1's resolution-dependent one,
         Wan's 5). output: the run folder (checkpoints/, samples/, log.csv, loss.png and
         the final weights: ``lora.safetensors`` or ``<component>.safetensors``).
@@ -87,6 +88,7 @@ class TrainingConfig:
     sigma_shift: float | None = None
     expert: str | None = None  # Wan2.2 A14B: high_noise | low_noise
     boundary: float | None = None
+    first_frame_conditioning: bool = False  # Wan2.2-TI2V-5B: train its image-to-video mode
     # precision and memory
     seed: int = 0
     mixed_precision: str = "bf16"

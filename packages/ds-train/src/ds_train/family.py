@@ -62,6 +62,10 @@ class TrainingAdapter:
     def sequence_length(self, latents: torch.Tensor) -> int:
         raise NotImplementedError
 
+    def loss_mask(self, conditions: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor | None:
+        """Which latent values the loss counts (broadcastable to ``latents``); None: all of them."""
+        return None
+
     def estimated_tokens(self, pipe: Any, height: int, width: int, num_frames: int | None) -> int:
         """Tokens one sample puts through the trained model (for the memory estimate)."""
         raise NotImplementedError
@@ -234,7 +238,10 @@ class WanTrainingAdapter(TrainingAdapter):
     block, as DiffSynth-Studio's and musubi-tuner's Wan LoRAs cover. Sigmas are drawn uniformly and shifted by 5
     (the official training grid; ``sigma_shift`` overrides it), and the loss takes DiffSynth-Studio's bell-shaped
     weight over sigma. Image-to-video models (I2V, FLF2V) are conditioned on each clip's first (and last) frame
-    exactly as sampling conditions them. Wan2.2 A14B has two experts: a run trains one (``expert``), only at the
+    exactly as sampling conditions them; ``first_frame_conditioning`` trains Wan2.2-TI2V-5B's image-to-video mode
+    (the first latent frame of each clip given clean at timestep 0 and left out of the loss, as sampling pins it;
+    images train its text-to-video mode). Wan2.2 A14B
+    has two experts: a run trains one (``expert``), only at the
     noise levels that expert samples (at or above the boundary for ``"high_noise"``, below it for
     ``"low_noise"``); the other stays frozen and is used only for samples.
     """
@@ -252,12 +259,19 @@ class WanTrainingAdapter(TrainingAdapter):
     temporal_compression = 4
     encoders = ("text_encoder", "image_encoder", "vae")
 
-    def __init__(self, expert: str | None = None, sigma_shift: float | None = None, boundary: float | None = None):
+    def __init__(
+        self,
+        expert: str | None = None,
+        sigma_shift: float | None = None,
+        boundary: float | None = None,
+        first_frame_conditioning: bool = False,
+    ):
         if expert not in (None, "high_noise", "low_noise"):
             raise ValueError(f"expert={expert!r}; use 'high_noise' or 'low_noise' (Wan2.2 A14B), or None")
         if boundary is not None and not 0 < boundary < 1:
             raise ValueError(f"boundary={boundary!r} must be in (0, 1) (a fraction of 1000 timesteps)")
         self.expert, self.sigma_shift, self.boundary = expert, sigma_shift, boundary
+        self.first_frame_conditioning = first_frame_conditioning
         self.trainable_model = "dit2" if expert == "low_noise" else "dit"
         if expert is not None:  # the other expert is frozen: stored like the encoders, needed only for samples
             self.encoders = (*type(self).encoders, "dit" if expert == "low_noise" else "dit2")
@@ -284,6 +298,13 @@ class WanTrainingAdapter(TrainingAdapter):
             raise ValueError(f"expert={self.expert!r} needs a Wan2.2 A14B pair (dit and dit2); this model has one DiT")
         dit = getattr(pipe, self.trainable_model)
         check_video_size(height, width, num_frames or 1, pipe.vae.spatial_compression * dit.config.patch_size[1])
+        if self.first_frame_conditioning and dit.config.model_type != "ti2v":
+            raise ValueError(
+                f"first_frame_conditioning trains Wan2.2-TI2V-5B's image-to-video mode; this DiT is "
+                f"{dit.config.model_type} (I2V and FLF2V models are conditioned on their frames anyway)"
+            )
+        if self.first_frame_conditioning and (num_frames or 1) < 5:
+            raise ValueError("first_frame_conditioning needs clips of at least 5 frames (one to give, four to learn)")
         if getattr(dit.config, "has_image_position_embedding", False) and (num_frames or 1) < 5:
             raise ValueError("a first-last-frame (FLF2V) model trains on clips of at least 5 frames; raise num_frames")
 
@@ -313,6 +334,10 @@ class WanTrainingAdapter(TrainingAdapter):
             pixels = pixels[:, :, None]
         both = getattr(dit.config, "has_image_position_embedding", False)  # FLF2V: first and last frame
         conditions: dict[str, list[torch.Tensor]] = {}
+        if self.first_frame_conditioning and pixels.shape[2] > 1:
+            # TI2V: the causal VAE's first latent frame is the first frame's alone. Images (one-frame clips) have
+            # nothing after it to learn, so they train the text-to-video mode the model also has.
+            conditions["first_frame"] = [pipe.encode_video(clip[None, :, :1], tiled=False) for clip in pixels]
         for clip in pixels:
             first, last = clip[None, :, 0], (clip[None, :, -1] if both else None)
             if self._image_to_video(pipe):
@@ -346,6 +371,14 @@ class WanTrainingAdapter(TrainingAdapter):
         self, model: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, conditions: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         timesteps = sigmas.to(noisy.device, torch.float32) * 1000  # the official 0..1000 scale
+        first = conditions.get("first_frame")
+        if first is not None:  # TI2V image-to-video: the first frame is given clean, its tokens at timestep 0
+            noisy = torch.cat([first.to(noisy.dtype), noisy[:, :, 1:]], dim=2)
+            _, patch_h, patch_w = _unwrap(model).config.patch_size
+            frames, height, width = noisy.shape[2:]
+            per_token = timesteps[:, None, None, None].expand(-1, frames, height // patch_h, width // patch_w).clone()
+            per_token[:, 0] = 0
+            timesteps = per_token.flatten(1)
         return model(
             noisy,
             timesteps,
@@ -353,6 +386,13 @@ class WanTrainingAdapter(TrainingAdapter):
             clip_feature=conditions.get("clip_feature"),
             condition=conditions.get("condition"),
         )
+
+    def loss_mask(self, conditions: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor | None:
+        if "first_frame" not in conditions:
+            return None
+        mask = torch.ones(1, 1, latents.shape[2], 1, 1, device=latents.device)
+        mask[:, :, 0] = 0  # the given frame teaches nothing
+        return mask
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(_unwrap(model).blocks)
@@ -371,7 +411,8 @@ class WanTrainingAdapter(TrainingAdapter):
         from ds_pipelines.media import tensor_to_images
 
         images: dict[str, Any] = {}
-        if self._image_to_video(pipe) and reference is not None:
+        conditioned = self._image_to_video(pipe) or self.first_frame_conditioning
+        if conditioned and reference is not None:
             clip = reference if reference.dim() == 4 else reference[:, None]
             images["input_image"] = tensor_to_images(clip[None, :, 0])[0]
             if getattr(getattr(pipe, self.trainable_model).config, "has_image_position_embedding", False):
@@ -459,9 +500,17 @@ def adapter_for(config: Any) -> TrainingAdapter:
     if family == "wan":
         if config.guidance != 1.0 or config.t5_sequence_length is not None:
             raise ValueError("guidance and t5_sequence_length are FLUX.1 settings; Wan has neither")
-        return get_adapter("wan", expert=config.expert, sigma_shift=config.sigma_shift, boundary=config.boundary)
-    if config.expert is not None or config.boundary is not None:
-        raise ValueError(f"expert and boundary are Wan2.2 A14B settings; {family} has one model to train")
+        return get_adapter(
+            "wan",
+            expert=config.expert,
+            sigma_shift=config.sigma_shift,
+            boundary=config.boundary,
+            first_frame_conditioning=config.first_frame_conditioning,
+        )
+    if config.expert is not None or config.boundary is not None or config.first_frame_conditioning:
+        raise ValueError(
+            f"expert, boundary and first_frame_conditioning are Wan settings; {family} has one image model to train"
+        )
     return get_adapter(
         family, guidance=config.guidance, t5_sequence_length=config.t5_sequence_length, sigma_shift=config.sigma_shift
     )

@@ -304,7 +304,13 @@ class _Run:
         noisy = FlowMatchScheduler.add_noise(latents, noise, sigmas)
         target = FlowMatchScheduler.velocity_target(latents.float(), noise)
         prediction = self.adapter.predict(self.prepared, noisy, sigmas, conditions)
-        per_sample = (prediction.float() - target).pow(2).flatten(1).mean(1)
+        error = (prediction.float() - target).pow(2)
+        mask = self.adapter.loss_mask(conditions, latents)
+        if mask is None:
+            per_sample = error.flatten(1).mean(1)
+        else:  # the mean over the values that count
+            mask = mask.expand_as(error)
+            per_sample = (error * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
         return (per_sample * self.adapter.loss_weight(sigmas, self.weighting).to(per_sample.device)).mean()
 
     def _loop(self, start: int) -> TrainingResult:
