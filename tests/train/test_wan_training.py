@@ -231,3 +231,29 @@ def test_ti2v_first_frame_is_given_clean_at_timestep_zero_and_left_out_of_the_lo
     torch.testing.assert_close(cached["first_frame"], cached_latents[:, :1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"first_frame_conditioning trains Wan2\.2-TI2V-5B"):
         train(dataclasses.replace(run, output=tmp_path / "t2v", model=wan_files.t2v, first_frame_conditioning=True))
+
+
+def test_streamed_checkpointed_training_of_an_expert_matches_plain_and_samples_a_video(wan_files, clips, tmp_path):
+    common = dict(expert="high_noise", steps=3, lora_rank=4, learning_rate=1e-2)
+    plain = train(config(wan_files.a14b, clips, tmp_path / "plain", **common))
+    streamed = train(
+        config(
+            wan_files.a14b,
+            clips,
+            tmp_path / "streamed",
+            stream_frozen=True,
+            vram_limit=0,
+            gradient_checkpointing=True,
+            sample_every=3,
+            sample_prompts=("a red square moving right",),
+            sample_inference_steps=2,
+            **common,
+        )
+    )
+    torch.testing.assert_close(torch.tensor(streamed.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
+    fp8 = train(config(wan_files.a14b, clips, tmp_path / "fp8", fp8_frozen=True, **common))
+    torch.testing.assert_close(torch.tensor(fp8.losses), torch.tensor(plain.losses), rtol=0.05, atol=0.02)
+    assert [path.name for path in streamed.samples] == ["step-000003-0.mp4"]
+    from ds_pipelines.media import load_video
+
+    assert len(load_video(streamed.samples[0])) == 5
