@@ -1,10 +1,13 @@
-"""LoRA training step of a FLUX.1 DiT with ds_train's parts: time and peak memory per memory setting.
+"""LoRA training step of a FLUX.1 or Wan DiT with ds_train's parts: time and peak memory per memory setting.
 
     uv run python benchmarks/train.py                         # CPU: a mid-size FLUX.1 config, 512x512, batch 1
     uv run python benchmarks/train.py --full --size 1024      # CUDA: FLUX.1-dev sizes (random weights, ~24 GB)
+    uv run python benchmarks/train.py --family wan --size 256 --frames 17    # CPU: a mid-size Wan config
+    uv run python benchmarks/train.py --family wan --full --size 480 --frames 49    # CUDA: Wan2.1-T2V-1.3B sizes
 
-Each row is a fresh process running the same LoRA step (rank 16 on ds_train's FLUX default targets, AdamW, flow
-matching loss on random latents and text embeddings) after one warm-up step, with:
+Each row is a fresh process running the same LoRA step (rank 16 on ds_train's family default targets, AdamW, flow
+matching loss on random latents and text embeddings; Wan: a --size x --size clip of --frames frames and 512 umT5
+context tokens) after one warm-up step, with:
   baseline        frozen weights resident in the computation dtype
   checkpointing   + gradient checkpointing of every block
   fp8             + frozen Linear weights stored in FP8 (ds-vram, per-channel scales)
@@ -34,6 +37,13 @@ ROWS = ("baseline", "checkpointing", "fp8", "streaming")
 
 
 def dit_config(args: argparse.Namespace):
+    if args.family == "wan":
+        from ds_models_wan import WanDiTConfig
+
+        if args.full:
+            return WanDiTConfig.preset("wan2.1-t2v-1.3b")  # 1.42 B parameters
+        # The 1.3B architecture at half its width and depth (about 0.2 B parameters).
+        return WanDiTConfig(dim=768, ffn_dim=4480, num_heads=6, num_layers=15)
     from ds_models_flux import FluxDiTConfig
 
     if args.full:
@@ -43,20 +53,23 @@ def dit_config(args: argparse.Namespace):
 
 
 def build(args: argparse.Namespace, row: str, device: torch.device, dtype: torch.dtype):
-    from ds_models_flux import FluxDiT
     from ds_train import add_lora as add_adapters
     from ds_train import enable_gradient_checkpointing, get_adapter, resolve_targets
     from ds_vram import VRAMConfig, enable_vram_management
 
     torch.manual_seed(0)
+    if args.family == "wan":
+        from ds_models_wan import WanDiT as model_class
+    else:
+        from ds_models_flux import FluxDiT as model_class
     with torch.device("meta"):
-        model = FluxDiT(dit_config(args))
+        model = model_class(dit_config(args))
     model.to_empty(device="cpu" if row == "streaming" else device)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.02)
     model.to(dtype).requires_grad_(False)
-    adapter = get_adapter()
+    adapter = get_adapter(args.family)
     if row in ("fp8", "streaming"):
         enable_vram_management(
             model,
@@ -78,8 +91,13 @@ def build(args: argparse.Namespace, row: str, device: torch.device, dtype: torch
 def step_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple:
     generator = torch.Generator().manual_seed(1)
     latent = args.size // 8
-    latents = torch.randn(args.batch, 16, latent, latent, generator=generator).to(device, dtype)
     config = dit_config(args)
+    if args.family == "wan":
+        shape = (args.batch, config.in_dim, (args.frames - 1) // 4 + 1, latent, latent)
+        latents = torch.randn(shape, generator=generator).to(device, dtype)
+        context = torch.randn(args.batch, config.text_len, config.text_dim, generator=generator)
+        return latents, {"context": context.to(device, dtype)}
+    latents = torch.randn(args.batch, 16, latent, latent, generator=generator).to(device, dtype)
     text_shape = (args.batch, args.text_tokens, config.context_in_dim)
     conditions = {
         "text": torch.randn(text_shape, generator=generator).to(device, dtype),
@@ -100,7 +118,8 @@ def run_row(args: argparse.Namespace) -> dict:
 
     def step() -> float:
         noise = torch.randn_like(latents)
-        noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+        sigma = sigmas.view(-1, *([1] * (latents.dim() - 1)))
+        noisy = (1 - sigma) * latents + sigma * noise
         prediction = adapter.predict(model, noisy.to(dtype), sigmas, conditions)
         loss = (prediction.float() - (noise - latents).float()).pow(2).mean()
         loss.backward()
@@ -126,8 +145,10 @@ def run_row(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="FLUX.1-dev sizes (needs a GPU)")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--family", choices=["flux.1", "wan"], default="flux.1")
+    parser.add_argument("--full", action="store_true", help="FLUX.1-dev / Wan2.1-T2V-1.3B sizes (needs a GPU)")
+    parser.add_argument("--size", type=int, default=512, help="image (frame) side in pixels")
+    parser.add_argument("--frames", type=int, default=17, help="Wan: frames per clip (4k+1)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up)")
@@ -141,6 +162,7 @@ def main() -> None:
         print(json.dumps(run_row(args)))
         return
     forwarded = ["--size", str(args.size), "--batch", str(args.batch), "--text-tokens", str(args.text_tokens)]
+    forwarded += ["--family", args.family, "--frames", str(args.frames)]
     forwarded += ["--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
     forwarded += ["--full"] if args.full else []
     results = []
@@ -149,8 +171,10 @@ def main() -> None:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
+    model = {"flux.1": "FLUX.1-dev", "wan": "Wan2.1-T2V-1.3B"}[args.family] if args.full else "mid-size"
+    clip = f"{args.frames} frames of " if args.family == "wan" else ""
     print(
-        f"FLUX.1 LoRA step, {'FLUX.1-dev' if args.full else 'mid-size'} DiT, {args.size}px, batch {args.batch}, "
+        f"{args.family} LoRA step, {model} DiT, {clip}{args.size}px, batch {args.batch}, "
         f"{args.dtype}, {machine}, torch {torch.__version__}"
     )
     base = results[0]
