@@ -51,11 +51,8 @@ OTHER_LAYERS = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here computes on one thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,8 @@ LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only contend (a tiny VAE encode takes 0.4 s with
-    two threads under load, 6 ms with one), so these tests compute on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here computes on one thread (see tests/conftest.py)."""
 
 
 def write_clip_tokenizer(folder: Path) -> int:

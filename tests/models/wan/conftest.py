@@ -24,12 +24,8 @@ TINY_DITS = ("tiny", "tiny-i2v", "tiny-flf2v", "tiny-ti2v")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only contend, so these tests use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here computes on one thread (see tests/conftest.py)."""
 
 
 def diffusers_kwargs(config: WanDiTConfig) -> dict:

@@ -45,14 +45,6 @@ LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 PROMPTS = ["the cat  and the\tdog", "a  fox &amp; the owl", "zebra"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- writers (the pipeline tests may import these) -------------------------------------------------------------
 
 
