@@ -67,6 +67,14 @@ def test_video_dataset_clips_images_and_shapes(clips, tmp_path):
     strided = ImageDataset(clips, 32, 32, num_frames=5, frame_stride=2)
     assert max(strided.frames) == 1
 
+    # A metadata table with a "video" column, one row pointing at a missing clip.
+    table = tmp_path / "metadata.csv"
+    table.write_text(f"video,prompt\n{clips / 'red.mp4'},a red square\nmissing.mp4,a missing clip\n")
+    with pytest.raises(DatasetError, match=r"metadata\.csv row 2: .*missing\.mp4: file not found"):
+        ImageDataset(table, 32, 32, num_frames=5)
+    with pytest.warns(UserWarning, match="dropped 1 broken row"):
+        assert ImageDataset(table, 32, 32, num_frames=5, skip_broken=True).frames == [5]
+
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.mp4").write_bytes(b"not a video")
