@@ -468,6 +468,14 @@ def estimate_memory(
     return memory_need(entry, setting, height, width, frames).bytes
 
 
+# The settings that keep whole models on the GPU, fastest first: (setting, storage, storage dtype, why it fits).
+_WHOLE_MODEL_SETTINGS = (
+    ("resident", "device", None, "everything fits"),
+    ("offload", "cpu", None, "one model at a time fits in bf16"),
+    ("fp8", "cpu", "fp8", "one model at a time fits in FP8"),
+)
+
+
 def suggest_vram(
     entry: ModelEntry,
     gpu_memory: float,
@@ -489,36 +497,10 @@ def suggest_vram(
     if needs["resident"] is None:
         raise ValueError(f"{entry.name}: no size is known for this model, so no setting can be suggested")
     gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
-    if needs["resident"] <= budget:
-        return VRAMSuggestion(
-            "resident",
-            "device",
-            None,
-            None,
-            needs["resident"],
-            True,
-            f"everything fits: {gib(needs['resident'])} of {gib(budget)} ({found['resident'].source})",
-        )
-    if needs["offload"] <= budget:
-        return VRAMSuggestion(
-            "offload",
-            "cpu",
-            None,
-            None,
-            needs["offload"],
-            True,
-            f"one model at a time fits in bf16: {gib(needs['offload'])} of {gib(budget)} ({found['offload'].source})",
-        )
-    if needs["fp8"] <= budget:
-        return VRAMSuggestion(
-            "fp8",
-            "cpu",
-            "fp8",
-            None,
-            needs["fp8"],
-            True,
-            f"one model at a time fits in FP8: {gib(needs['fp8'])} of {gib(budget)} ({found['fp8'].source})",
-        )
+    for setting, storage, storage_dtype, what in _WHOLE_MODEL_SETTINGS:
+        if needs[setting] <= budget:
+            reason = f"{what}: {gib(needs[setting])} of {gib(budget)} ({found[setting].source})"
+            return VRAMSuggestion(setting, storage, storage_dtype, None, needs[setting], True, reason)
     streaming = needs["stream"]
     spare = budget - streaming
     limit = max(0.0, math.floor(spare / GIB * 10) / 10)
