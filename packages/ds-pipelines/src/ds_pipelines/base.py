@@ -26,7 +26,7 @@ from ds_vram import VRAMConfig, enable_vram_management, get_vram_handle
 
 from .lora import lora_layers, parse_lora, read_lora
 
-__all__ = ["Pipeline", "PipelineStepError", "pipeline_step"]
+__all__ = ["Pipeline", "PipelineStepError", "named_sources", "pipeline_step"]
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -39,6 +39,43 @@ class PipelineStepError(RuntimeError):
 class _ActiveStep:
     name: str
     models: tuple[str, ...]
+
+
+def named_sources(
+    model_configs: Mapping[str, object] | Iterable[object] | None,
+    spec_components: Mapping[str, str],
+    family: str,
+    tokenizer_name: Callable[[Path], str | None],
+    second: Mapping[str, str] | None = None,
+) -> dict[str, object]:
+    """Component names for a pipeline's ``model_configs``: a mapping is taken as it is; in a list, a tokenizer
+    folder is named by ``tokenizer_name`` (None: not a tokenizer) and a model file by detection (headers only),
+    through ``spec_components`` (spec name -> component). ``second`` names a component's second occurrence
+    (Wan: a second DiT is the A14B low-noise expert, ``{"dit": "dit2"}``, as upstream orders them)."""
+    if model_configs is None:
+        return {}
+    if isinstance(model_configs, Mapping):
+        return dict(model_configs)
+    from ds_loader import ModelConfig, detect
+
+    sources: dict[str, object] = {}
+    for source in model_configs:
+        paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
+        tokenizer = tokenizer_name(Path(paths[0])) if len(paths) == 1 and Path(paths[0]).is_dir() else None
+        if tokenizer is not None:
+            sources[tokenizer] = paths[0]
+            continue
+        names = {spec_components.get(match.spec.name) for match in detect(paths)} - {None}
+        if len(names) != 1:
+            raise ValueError(
+                f"model_configs entry {source}: expected one {family} component, detected "
+                f"{sorted(names) or 'none'}; pass model_configs as a mapping to say which"
+            )
+        name = names.pop()
+        if name in sources and second and name in second:
+            name = second[name]
+        sources[name] = source
+    return sources
 
 
 def pipeline_step(*models: str) -> Callable[[Method], Method]:

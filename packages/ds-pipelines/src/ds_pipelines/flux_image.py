@@ -15,7 +15,7 @@ from PIL import Image
 from ds_models_core import grid_positions, patchify, unpatchify
 from ds_vram import VRAMConfig
 
-from .base import Pipeline, pipeline_step
+from .base import Pipeline, named_sources, pipeline_step
 from .media import image_to_tensor, tensor_to_images
 from .schedulers import FlowMatchScheduler
 
@@ -396,27 +396,13 @@ _SPEC_COMPONENTS = {
 
 
 def _named_sources(model_configs: Mapping[str, object] | Sequence[object] | None) -> dict[str, object]:
-    """Component names for ``model_configs``; a list is sorted out by detection (headers only)."""
-    if model_configs is None:
-        return {}
-    if isinstance(model_configs, Mapping):
-        return dict(model_configs)
-    from ds_loader import ModelConfig, detect
-
-    sources: dict[str, object] = {}
-    for source in model_configs:
-        paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
-        if len(paths) == 1 and paths[0].is_dir() and paths[0].name in ("tokenizer", "tokenizer_2"):
-            sources[paths[0].name] = paths[0]
-            continue
-        names = {_SPEC_COMPONENTS.get(match.spec.name) for match in detect(paths)} - {None}
-        if len(names) != 1:
-            raise ValueError(
-                f"model_configs entry {source}: expected one FLUX.1 component, detected "
-                f"{sorted(names) or 'none'}; pass model_configs as a mapping to say which"
-            )
-        sources[names.pop()] = source
-    return sources
+    """Component names for a FLUX.1 pipeline's ``model_configs`` (a list is sorted out by detection)."""
+    return named_sources(
+        model_configs,
+        _SPEC_COMPONENTS,
+        "FLUX.1",
+        lambda folder: folder.name if folder.name in ("tokenizer", "tokenizer_2") else None,
+    )
 
 
 def _tokenizer_root(clip: object, t5: object) -> Path:

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from . import base
 from .lora import _Whole
 
 __all__ = [
@@ -161,30 +162,14 @@ def component_sources(model: object, preset: object | None, download_source: str
 
 
 def named_sources(model_configs: Mapping[str, object] | Sequence[object] | None) -> dict[str, object]:
-    """Component names for ``model_configs``; a list is sorted out by detection (headers only)."""
-    if model_configs is None:
-        return {}
-    if isinstance(model_configs, Mapping):
-        return dict(model_configs)
-    from ds_loader import ModelConfig, detect
-
-    sources: dict[str, object] = {}
-    for source in model_configs:
-        paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
-        if len(paths) == 1 and paths[0].is_dir() and (paths[0] / "tokenizer_config.json").is_file():
-            sources["tokenizer"] = paths[0]
-            continue
-        names = {_SPEC_COMPONENTS.get(match.spec.name) for match in detect(paths)} - {None}
-        if len(names) != 1:
-            raise ValueError(
-                f"model_configs entry {source}: expected one Wan component, detected {sorted(names) or 'none'}; "
-                "pass model_configs as a mapping to say which"
-            )
-        name = names.pop()
-        if name == "dit" and "dit" in sources:
-            name = "dit2"  # the second DiT of a list is the A14B low-noise expert, as upstream orders them
-        sources[name] = source
-    return sources
+    """Component names for a Wan pipeline's ``model_configs`` (a list is sorted out by detection, headers only)."""
+    return base.named_sources(
+        model_configs,
+        _SPEC_COMPONENTS,
+        "Wan",
+        lambda folder: "tokenizer" if (folder / "tokenizer_config.json").is_file() else None,
+        second={"dit": "dit2"},
+    )
 
 
 def spec_for(component: str, source: object) -> str | None:
