@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessor, CLIPVisionModel, T5Config, T5EncoderModel, UMT5EncoderModel
 
 from ds_loader import CheckpointError, DetectionError, Mismatch, StateDictMismatchError, detect, load_model, registry
@@ -40,28 +39,12 @@ from ds_models_wan.text_encoder import (
     umt5_xxl_config,
 )
 from ds_vram import TensorInfo
+from tests.models.flux.conftest import write_t5_tokenizer  # umT5's layout: <pad> 0, </s> 1, <unk> 2
 
-LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 PROMPTS = ["the cat  and the\tdog", "a  fox &amp; the owl", "zebra"]
 
 
 # --- writers (the pipeline tests may import these) -------------------------------------------------------------
-
-
-def write_umt5_tokenizer(folder: Path) -> int:
-    """A unigram umT5-like tokenizer (``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2) as ``google/umt5-xxl/``;
-    returns the vocabulary size."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("▁" + c, -2.0) for c in LETTERS] + [(c, -3.0) for c in LETTERS] + [("▁the", -1.0), ("▁and", -1.0)]
-    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    folder.mkdir(parents=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "extra_ids": 0, "model_max_length": 512}))
-    return len(pieces)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -191,8 +174,8 @@ def official_clip(state: dict[str, torch.Tensor], pixels: torch.Tensor, heads: i
 def files(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("wan_encoders")
     ns = SimpleNamespace(root=root)
-    ns.vocab = write_umt5_tokenizer(root / "Wan2.1-official" / "google" / "umt5-xxl")
-    write_umt5_tokenizer(root / "Wan2.1-diffusers" / "tokenizer")
+    ns.vocab = write_t5_tokenizer(root / "Wan2.1-official" / "google" / "umt5-xxl")
+    write_t5_tokenizer(root / "Wan2.1-diffusers" / "tokenizer")
     ns.t5 = UMT5EncoderModel(tiny_umt5_config(ns.vocab)).eval()
     randomize(ns.t5, seed=3)
     ns.clip = CLIPVisionModel(tiny_clip_vision_config()).eval()
