@@ -124,11 +124,5 @@ def docs_sandbox(docs_models, tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change; a script run in a fresh
-    interpreter starts without it, so each test here does too (and leaves none behind)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+def _fresh_accelerate_state(fresh_accelerate_state):
+    """Every test here starts and ends without accelerate state (see tests/conftest.py)."""
