@@ -235,8 +235,12 @@ def test_ti2v_first_frame_is_given_clean_at_timestep_zero_and_left_out_of_the_lo
     result = train(dataclasses.replace(run, first_frame_conditioning=True))
     assert all(torch.isfinite(torch.tensor(result.losses)))
     cached, cached_latents = load_cached(tmp_path / "ti2v" / "cache" / "000000.safetensors")
-    # The 2.2 VAE is causal: the first frame alone encodes to the clip's first latent frame.
     torch.testing.assert_close(cached["first_frame"], cached_latents[:, :1], rtol=1e-4, atol=1e-4)
+    # Which holds because the 2.2 VAE is causal: the first frame alone encodes to the clip's first latent frame.
+    pipe = WanVideoPipeline.from_pretrained(wan_files.ti2v, device="cpu", torch_dtype=torch.float32)
+    clip = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = pipe.encode_video(clip, tiled=False)
+    torch.testing.assert_close(pipe.encode_video(clip[:, :, :1], tiled=False), whole[:, :, :1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"first_frame_conditioning trains Wan2\.2-TI2V-5B"):
         train(dataclasses.replace(run, output=tmp_path / "t2v", model=wan_files.t2v, first_frame_conditioning=True))
 

@@ -32,7 +32,7 @@ def encode_sample(adapter: TrainingAdapter, pipe: Any, pixels: torch.Tensor | No
     if pixels is None:
         return conditions, torch.zeros(0)
     latents = adapter.encode_images(pipe, pixels[None]).detach()[0]
-    for key, value in adapter.encode_pixel_conditions(pipe, pixels[None]).items():
+    for key, value in adapter.encode_pixel_conditions(pipe, pixels[None], latents[None]).items():
         conditions[key] = value[0].detach()
     return conditions, latents
 

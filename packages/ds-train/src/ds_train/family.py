@@ -54,9 +54,11 @@ class TrainingAdapter:
     def encode_images(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode_pixel_conditions(self, pipe: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Conditions taken from the sample itself (an image-to-video model's first frame); caption dropout
-        leaves them alone."""
+    def encode_pixel_conditions(
+        self, pipe: Any, pixels: torch.Tensor, latents: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Conditions taken from the sample itself (an image-to-video model's first frame), given its pixels and
+        the latents ``encode_images`` made of them; caption dropout leaves them alone."""
         return {}
 
     def sequence_length(self, latents: torch.Tensor) -> int:
@@ -328,16 +330,18 @@ class WanTrainingAdapter(TrainingAdapter):
         # Untiled: training latents are exact (tiling blends overlaps, which is only an approximation).
         return torch.cat([pipe.encode_video(clip[None], tiled=False) for clip in pixels])
 
-    def encode_pixel_conditions(self, pipe: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_pixel_conditions(
+        self, pipe: Any, pixels: torch.Tensor, latents: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         dit = getattr(pipe, self.trainable_model)
         if pixels.dim() == 4:
             pixels = pixels[:, :, None]
         both = getattr(dit.config, "has_image_position_embedding", False)  # FLF2V: first and last frame
         conditions: dict[str, list[torch.Tensor]] = {}
         if self.first_frame_conditioning and pixels.shape[2] > 1:
-            # TI2V: the causal VAE's first latent frame is the first frame's alone. Images (one-frame clips) have
-            # nothing after it to learn, so they train the text-to-video mode the model also has.
-            conditions["first_frame"] = [pipe.encode_video(clip[None, :, :1], tiled=False) for clip in pixels]
+            # TI2V: the causal VAE's first latent frame is the first frame's alone, so it is the clip's. Images
+            # (one-frame clips) have nothing after it to learn: they train the model's text-to-video mode.
+            conditions["first_frame"] = [latents[:, :, :1]]
         for clip in pixels:
             first, last = clip[None, :, 0], (clip[None, :, -1] if both else None)
             if self._image_to_video(pipe):
