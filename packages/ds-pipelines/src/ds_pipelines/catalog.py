@@ -301,19 +301,17 @@ def _wan_entries() -> list[ModelEntry]:
 def _wan_components(wan: object, preset: object) -> tuple[list[ComponentSize], int]:
     """Sizes of a Wan release from its configs on meta: the DiT(s), the VAE, umT5-XXL and (I2V) CLIP ViT-H/14."""
     dit_module = importlib.import_module("ds_models_wan.dit")
-    name = str(preset.name)
-    config_name = getattr(preset, "dit_config", None) or name.removesuffix("-480p").removesuffix("-720p")
     with torch.device("meta"):
-        dit = dit_module.WanDiT(dit_module.WanDiTConfig.preset(config_name))
+        dit = dit_module.WanDiT(dit_module.WanDiTConfig.preset(preset.dit_config))
     names = _component_names(preset)
     dits = [c for c in ("dit", "dit_high_noise", "dit_low_noise") if c in names] or ["dit"]
     components = [_size(c, dit) for c in dits]  # the A14B experts share one architecture
-    if "ti2v" in name:
+    if preset.vae_config == "wan2.2":
         vae_module = importlib.import_module("ds_models_wan.vae22")
         vae_class, vae_config = vae_module.WanVAE22, vae_module.WanVAE22Config.preset("wan2.2")
     else:
         vae_module = importlib.import_module("ds_models_wan.vae")
-        vae_class, vae_config = vae_module.WanVAE, vae_module.WanVAEConfig.preset("wan2.1")
+        vae_class, vae_config = vae_module.WanVAE, vae_module.WanVAEConfig.preset(preset.vae_config)
     text = importlib.import_module("ds_models_wan.text_encoder")
     with torch.device("meta"):
         components.append(_size("vae", vae_class(vae_config)))
