@@ -130,6 +130,38 @@ class Pipeline:
         """``given`` with each None replaced by ``sampling_defaults``' value, in the order given."""
         return {name: self.sampling_defaults[name] if value is None else value for name, value in given.items()}
 
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_models(
+        cls,
+        sources: Mapping[str, Any],
+        specs: Mapping[str, Any],
+        *,
+        required: Iterable[str],
+        device: torch.device,
+        torch_dtype: torch.dtype,
+        vram: VRAMConfig | Mapping[str, VRAMConfig] | None,
+    ) -> dict[str, nn.Module]:
+        """Load each model of ``specs`` (component -> ds-loader spec, None: detected) that has a source, with its
+        ``vram`` config (one for all, or one per component); ``required`` components without a source are named
+        in one error before anything loads."""
+        from ds_loader import load_model
+
+        missing = [name for name in required if name not in sources]
+        if missing:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: no source for {', '.join(missing)}; pass a preset, a model "
+                "folder, or model_configs for them"
+            )
+        models: dict[str, nn.Module] = {}
+        for name, spec in specs.items():
+            if name in sources:
+                config = vram.get(name) if isinstance(vram, Mapping) else vram
+                models[name] = load_model(
+                    sources[name], device=device, torch_dtype=torch_dtype, vram=config, spec=spec
+                )
+        return models
+
     # ------------------------------------------------------------------ components
     def __getattr__(self, name: str) -> Any:
         components = self.__dict__.get("_components", {})

@@ -90,24 +90,19 @@ class FluxImagePipeline(Pipeline):
             files are recognised by detection and whose ``tokenizer/`` and ``tokenizer_2/`` folders by name.
         vram: one ``VRAMConfig`` for every model, or one per component name; None keeps models on ``device``.
         """
-        from ds_loader import load_model
         from ds_models_flux import CLIP_SPEC, DIT_SPEC, T5_SPEC, VAE_SPEC, load_tokenizers
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         sources = {**_component_sources(model, download_source), **_named_sources(model_configs)}
-        missing = [name for name in cls.component_names if name not in sources]
-        if missing:
-            raise ValueError(
-                f"FluxImagePipeline.from_pretrained: no source for {', '.join(missing)}; pass a preset, "
-                "a model folder, or model_configs for them"
-            )
         specs = {"dit": DIT_SPEC, "vae": VAE_SPEC, "text_encoder": CLIP_SPEC, "text_encoder_2": T5_SPEC}
-        components: dict[str, object] = {}
-        for name, spec in specs.items():
-            model_vram = vram.get(name) if isinstance(vram, Mapping) else vram
-            components[name] = load_model(
-                sources[name], device=device, torch_dtype=torch_dtype, vram=model_vram, spec=spec
-            )
+        components: dict[str, object] = cls.load_models(
+            sources,
+            specs,
+            required=cls.component_names,
+            device=device,
+            torch_dtype=torch_dtype,
+            vram=vram,
+        )
         components["tokenizer"], components["tokenizer_2"] = load_tokenizers(
             _tokenizer_root(sources["tokenizer"], sources["tokenizer_2"])
         )

@@ -121,26 +121,20 @@ class WanVideoPipeline(Pipeline):
             recognised by detection (a second DiT is the low-noise expert) and whose tokenizer folder by name.
         vram: one ``VRAMConfig`` for every model, or one per component name; None keeps models on ``device``.
         """
-        from ds_loader import load_model
         from ds_models_wan.text_encoder import load_wan_tokenizer
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         preset = find_preset(model)
         sources = {**component_sources(model, preset, download_source), **named_sources(model_configs)}
-        missing = [name for name in ("tokenizer", "text_encoder", "dit", "vae") if name not in sources]
-        if missing:
-            raise ValueError(
-                f"WanVideoPipeline.from_pretrained: no source for {', '.join(missing)}; pass a preset, a model "
-                "folder, or model_configs for them"
-            )
-        components: dict[str, object] = {}
-        for name in ("text_encoder", "image_encoder", "dit", "dit2", "vae"):
-            if name in sources:
-                model_vram = vram.get(name) if isinstance(vram, Mapping) else vram
-                spec = spec_for(name, sources[name])
-                components[name] = load_model(
-                    sources[name], device=device, torch_dtype=torch_dtype, vram=model_vram, spec=spec
-                )
+        models = [name for name in ("text_encoder", "image_encoder", "dit", "dit2", "vae") if name in sources]
+        components: dict[str, object] = cls.load_models(
+            sources,
+            {name: spec_for(name, sources[name]) for name in models},
+            required=("tokenizer", "text_encoder", "dit", "vae"),
+            device=device,
+            torch_dtype=torch_dtype,
+            vram=vram,
+        )
         components["tokenizer"] = load_wan_tokenizer(source_folder(sources["tokenizer"]))
         pipe = cls(
             components,
