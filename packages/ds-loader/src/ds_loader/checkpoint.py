@@ -1,9 +1,10 @@
 """Checkpoints opened lazily: headers at open, tensor bytes only when a key is read.
 
 Safetensors files (single, sharded with an index) are read through ``ds_vram.sources.SafetensorsSource`` (mmap,
-zero copy). Pickle formats (``.pth .bin .pt .ckpt``) are read only with ``torch.load(weights_only=True)``, which
-refuses code payloads, and memory-mapped where the file allows. A diffusers-layout folder opens as one
-checkpoint per component folder (``transformer/``, ``vae/``, ``text_encoder/``...).
+zero copy). Pickle formats (``.pth .bin .pt .ckpt``) are read only through ``load_pickle``
+(``torch.load(weights_only=True)``, which refuses code payloads), memory-mapped where the file allows. Every
+source checks a floating-point tensor for NaN and infinity the first time it is read. A diffusers-layout folder
+opens as one checkpoint per component folder (``transformer/``, ``vae/``, ``text_encoder/``...).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -20,9 +22,9 @@ from typing import Any
 import torch
 
 from ds_loader.errors import CheckpointError
-from ds_vram.sources import SafetensorsSource, TensorInfo, WeightSource
+from ds_vram.sources import SafetensorsSource, TensorInfo, WeightSource, all_finite
 
-__all__ = ["Checkpoint", "HeaderView", "PickleSource", "open_checkpoints"]
+__all__ = ["Checkpoint", "HeaderView", "PickleSource", "load_pickle", "open_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,46 @@ WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 VARIANTS = ("fp16", "bf16", "fp32", "fp8", "fp8_e4m3fn", "ema", "non_ema")
 # Wrappers training frameworks put around a state dict.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "module", "model")
+
+
+# What torch's weights-only unpickler names as the thing it refused ("Unsupported global: GLOBAL os.system ...").
+_REFUSED = re.compile(
+    r"WeightsUnpickler error: (?:Unsupported global: GLOBAL )?(?P<what>[^\n]*?)(?: was not| Please|\.?\n|$)"
+)
+
+
+def load_pickle(path: str | os.PathLike, *, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file and say what to do.
+
+    The only way this project reads a pickle (``.pt .pth .bin .ckpt``): the weights-only unpickler builds
+    tensors and plain containers and refuses everything else, so no code in the file runs. A refused file raises
+    ``CheckpointError`` that names it, says which object it holds and how to get a safetensors file instead;
+    an unreadable one raises ``CheckpointError`` naming it. ``what`` names the file's role in messages
+    (``"checkpoint"``, ``"LoRA file"``). ``mmap`` maps zip-format files instead of reading them (files from
+    ``torch.save(_use_new_zipfile_serialization=False)`` cannot be mapped and are read).
+    """
+    path = Path(path)
+    try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = _REFUSED.search(str(error))
+        # The name comes from the file: escape control characters, so it cannot drive the user's terminal.
+        name = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in (found["what"] if found else ""))[:80]
+        holds = f"`{name.strip()}`" if name.strip() else "a Python object"
+        raise CheckpointError(
+            f"{path}: refused to load this {what}: it holds {holds}, not only tensors, and unpickling that could "
+            f"run code (torch.load with weights_only=True refuses it). Get a .safetensors version of it from its "
+            f"publisher, or convert it where it was made: safetensors.torch.save_file(state_dict, "
+            f"'{path.stem}.safetensors') on the trainer's own state dict"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch {what} ({error})") from error
 
 
 class PickleSource:
@@ -47,25 +89,8 @@ class PickleSource:
             raise FileNotFoundError(f"checkpoint file not found: {self.path}")
         if self.path.stat().st_size == 0:
             raise CheckpointError(f"{self.path}: the file is empty")
-        self._tensors = _unwrap(self.path, self._load())
-
-    def _load(self) -> Any:
-        try:
-            try:
-                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                # Files from torch.save(_use_new_zipfile_serialization=False) cannot be mapped.
-                return torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(
-                f"{self.path}: refused to load: torch.load(weights_only=True) found something other than plain "
-                f"weights (a pickle that could run code). Convert the file to safetensors from a trusted source. "
-                f"Details: {error}"
-            ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as error:
-            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint ({error})") from error
+        self._tensors = _unwrap(self.path, load_pickle(self.path, mmap=True))
+        self._checked: set[str] = set()
 
     def keys(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -77,14 +102,23 @@ class PickleSource:
         return len(self._tensors)
 
     def info(self, key: str) -> TensorInfo:
-        tensor = self.get(key)
+        tensor = self._tensor(key)
         return TensorInfo(tensor.dtype, tuple(tensor.shape))
 
-    def get(self, key: str) -> torch.Tensor:
+    def _tensor(self, key: str) -> torch.Tensor:
         try:
             return self._tensors[key]
         except KeyError:
             raise KeyError(f"tensor {key!r} is not in {self.path}") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor, checked for NaN and infinity on its first read (the error names the file and the key)."""
+        tensor = self._tensor(key)
+        if key not in self._checked:  # once per key, as SafetensorsSource does: streaming reads a key many times
+            if not all_finite(tensor):
+                raise CheckpointError(f"{self.path}: tensor {key!r} holds NaN or infinite values; the file is broken")
+            self._checked.add(key)
+        return tensor
 
 
 def _unwrap(path: Path, obj: Any) -> dict[str, torch.Tensor]:

@@ -19,9 +19,17 @@ from ds_loader.checkpoint import Checkpoint
 from ds_loader.config import ModelConfig
 from ds_loader.detect import CheckpointLike, Match, as_checkpoints, detect, registry, run_spec
 from ds_loader.download import HubClient
-from ds_loader.errors import AmbiguousModelError, DetectionError, LoaderError, RecipeError, StateDictMismatchError
+from ds_loader.errors import (
+    AmbiguousModelError,
+    CheckpointError,
+    DetectionError,
+    LoaderError,
+    RecipeError,
+    StateDictMismatchError,
+)
 from ds_loader.spec import Detection, ModelSpec
 from ds_vram import WeightSource
+from ds_vram.sources import all_finite
 
 __all__ = ["load_model", "open_weights", "validate_weights"]
 
@@ -127,18 +135,31 @@ def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> 
 
 
 def bind_weights(
-    model: nn.Module, weights: WeightSource, device: torch.device, torch_dtype: torch.dtype | None
+    model: nn.Module,
+    weights: WeightSource,
+    device: torch.device,
+    torch_dtype: torch.dtype | None,
+    source_name: str = "the checkpoint",
 ) -> None:
     """Replace every meta parameter and buffer with the checkpoint's tensor, one at a time.
 
     This is what ``load_state_dict(assign=True)`` does, without first gathering a full state dict: peak extra
-    memory is one converted tensor, and same-dtype CPU tensors stay views of the mapped file.
+    memory is one converted tensor, and same-dtype CPU tensors stay views of the mapped file. The sources
+    check each stored tensor for NaN and infinity when it is first read; a tensor cast to a narrower dtype
+    is checked again here, since values beyond float16's range become infinite.
     """
     for name, current in model.state_dict(keep_vars=True).items():
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        tensor = weights.get(name)
-        tensor = _convert(tensor, device, _target_dtype(tensor, torch_dtype))
+        stored = weights.get(name)
+        tensor = _convert(stored, device, _target_dtype(stored, torch_dtype))
+        if tensor.dtype != stored.dtype and not all_finite(tensor):
+            largest = stored.detach().abs().max().item()
+            raise CheckpointError(
+                f"{source_name}: tensor {name!r} does not fit {tensor.dtype}: its values (up to {largest:.4g}) "
+                f"overflow to infinity when cast from {stored.dtype}; load it in a wider dtype (torch.bfloat16 "
+                "or torch.float32)"
+            )
         if leaf in owner._parameters:
             requires_grad = current.requires_grad and tensor.is_floating_point()
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
@@ -192,7 +213,8 @@ def load_model(
     if vram is not None and getattr(vram, "storage", None) == "disk":
         _enable_vram(model, vram, weights, match.spec)
         return model.eval()
-    bind_weights(model, weights, torch.device("cpu") if vram is not None else torch.device(device), torch_dtype)
+    device = torch.device("cpu") if vram is not None else torch.device(device)
+    bind_weights(model, weights, device, torch_dtype, match.checkpoint.name)
     leftovers = _on_meta(model)
     if leftovers:
         raise LoaderError(
