@@ -118,7 +118,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(flux_files, shapes_dat
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", broken)
+    monkeypatch.setattr(checkpoint_module, "save_safetensors_atomic", broken)
     with pytest.raises(OSError, match="disk full"):
         train(dataclasses.replace(run, resume=True))
     assert sorted(p.name for p in folder.iterdir()) == ["step-000001"]  # no staging folder left behind

@@ -198,15 +198,20 @@ def run(args: argparse.Namespace) -> int:
     extra = {"model": str(model)}
     if args.lora:
         extra["loras"] = [{"file": Path(path).name, "scale": scale} for path, scale in args.lora]
-    for index, path in enumerate(free_paths(output, args.count, args.overwrite)):
+    # Without --overwrite a file claims the first free name (output, output-1, ...) as it is written, so runs that
+    # write to one name at the same time each keep their file; the name really written is printed.
+    targets = free_paths(output, args.count, True) if args.overwrite else [output] * args.count
+    for index, target in enumerate(targets):
         result = pipe(args.prompt, seed=args.seed + index, **options)
         if kind == "video":
             from ds_pipelines import save_video
 
             metadata = {**getattr(result, "parameters", {}), **extra}
-            save_video(result, path, fps=args.fps, metadata=metadata, progress_bar=not args.quiet)
+            path = save_video(
+                result, target, fps=args.fps, metadata=metadata, progress_bar=not args.quiet, overwrite=args.overwrite
+            )
         else:
             parameters = {**json.loads(result.info.get("diffsynth", "{}")), **extra}
-            save_image(result, path, parameters)
+            path = save_image(result, target, parameters, overwrite=args.overwrite)
         print(path, flush=True)
     return 0

@@ -80,8 +80,9 @@ def _convert(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.path}: no such file")
     output = args.output or args.path.with_name(f"{args.path.stem}-{args.to}.safetensors")
     _check_output(output, args.overwrite)
-    _function("convert_lora_file")(args.path, output, to=args.to, family=args.family)
-    print(output)
+    convert = _function("convert_lora_file")
+    written = convert(args.path, output, to=args.to, family=args.family, overwrite=args.overwrite)
+    print(written)  # a run that wrote the same name meanwhile keeps its file: this one is then NAME-1.safetensors
     return 0
 
 
@@ -100,8 +101,9 @@ def _merge(args: argparse.Namespace) -> int:
         first = inspect_lora(args.paths[0]).format
         target = first if first in FORMATS else "comfyui"
     sources = list(zip(args.paths, weights, strict=True))
-    _function("merge_lora_files")(sources, args.output, to=target, family=args.family)
-    print(args.output)
+    merge = _function("merge_lora_files")
+    written = merge(sources, args.output, to=target, family=args.family, overwrite=args.overwrite)
+    print(written)  # as in _convert: the name really written
     return 0
 
 

@@ -4,6 +4,14 @@
 # above ds-pipelines (ds-train, the apps) use ds-vram and ds-loader through these names, as DESIGN.md's import
 # rules ask.
 from ds_loader import inspect_checkpoint
+from ds_loader.files import (
+    FolderLock,
+    FolderLockedError,
+    atomic_file,
+    remove_leftovers,
+    save_safetensors_atomic,
+    write_bytes_atomic,
+)
 from ds_vram import VRAMConfig, get_vram_handle
 
 from .base import Pipeline, PipelineStepError, pipeline_step
@@ -37,6 +45,8 @@ __all__ = [
     "FlowMatchTemplate",
     "FlowUniPCScheduler",
     "FluxImagePipeline",
+    "FolderLock",
+    "FolderLockedError",
     "LoraInfo",
     "LoraPiece",
     "MemoryNeed",
@@ -47,6 +57,7 @@ __all__ = [
     "VRAMSuggestion",
     "VideoFrames",
     "WanVideoPipeline",
+    "atomic_file",
     "download_model",
     "estimate_memory",
     "get_model_entry",
@@ -64,9 +75,12 @@ __all__ = [
     "pipeline_step",
     "preset_defaults",
     "read_lora",
+    "remove_leftovers",
     "save_image",
+    "save_safetensors_atomic",
     "save_video",
     "shift_sigmas",
     "suggest_vram",
     "tensor_to_images",
+    "write_bytes_atomic",
 ]

@@ -224,14 +224,16 @@ def save_lora_file(
     family: str = "flux.1",
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = True,
 ) -> Path:
-    """Write ``{layer: (down, up, alpha)}`` as a ``.safetensors`` LoRA in ``format``, atomically.
+    """Write ``{layer: (down, up, alpha)}`` as a ``.safetensors`` LoRA in ``format``, atomically; returns the path.
 
     ``metadata`` values are strings; ``base_model``, ``steps``, ``trigger_words``, ``resolution`` and ``title``
     are expanded into the ``ss_*``/``modelspec.*`` keys, any other key is stored as given. ``dtype`` casts the
-    tensors (None: as given, typically float32).
+    tensors (None: as given, typically float32). overwrite=False never replaces a file: a taken name (also one
+    taken by a run finishing at the same moment) gives ``name-1.safetensors``, ... The mode follows the umask.
     """
-    from safetensors.torch import save_file
+    from ds_loader.files import save_safetensors_atomic
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -251,14 +253,7 @@ def save_lora_file(
     state = lora_state_dict(layers, format, family)
     if dtype is not None:
         state = {k: v.to(dtype) if not k.endswith(".alpha") else v for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(temporary), metadata=header)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return save_safetensors_atomic(state, path, header, overwrite=overwrite, clean_leftovers=True)
 
 
 def read_lora_layers(
@@ -363,6 +358,7 @@ def convert_lora_file(
     model: nn.Module | None = None,
     family: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Rewrite a LoRA file (any format ``pipe.load_lora`` reads) in format ``to``; the weight delta is unchanged.
 
@@ -378,7 +374,8 @@ def convert_lora_file(
         kept = {k: v for k, v in read_safetensors_header(source)[1].items() if not k.startswith("ds.")}
         for key in ("ss_network_dim", "ss_network_alpha"):
             kept.pop(key, None)
-    return save_lora_file(layers, target, format=to, family=family, metadata={**kept, **(metadata or {})})
+    merged = {**kept, **(metadata or {})}
+    return save_lora_file(layers, target, format=to, family=family, metadata=merged, overwrite=overwrite)
 
 
 def merge_lora_files(
@@ -389,6 +386,7 @@ def merge_lora_files(
     model: nn.Module | None = None,
     family: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """One LoRA whose delta is the weighted sum of several: ranks are concatenated, so the sum is exact.
 
@@ -410,4 +408,4 @@ def merge_lora_files(
         down = torch.cat([d for d, _ in parts])
         up = torch.cat([u for _, u in parts], dim=1)
         layers[layer] = (down, up, float(down.shape[0]))
-    return save_lora_file(layers, target, format=to, family=family, metadata=metadata)
+    return save_lora_file(layers, target, format=to, family=family, metadata=metadata, overwrite=overwrite)

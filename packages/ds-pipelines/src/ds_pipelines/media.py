@@ -5,10 +5,9 @@ and ``[wan]`` extras install it)."""
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +15,15 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ds_loader.files import atomic_file
+
 __all__ = [
     "VideoFrames",
     "VideoInfo",
-    "atomic_path",
     "format_parameters",
     "image_to_tensor",
     "load_video",
+    "metadata_json",
     "probe_video",
     "save_image",
     "save_video",
@@ -43,28 +44,21 @@ def tensor_to_images(tensor: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(frame.permute(1, 2, 0).contiguous().numpy()) for frame in pixels]
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it only if the block succeeds; never a half-written file."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        # mkstemp makes the file private (0600); a finished output gets the permissions a plain open() would give.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+def metadata_json(parameters: Mapping[str, object]) -> str:
+    """Generation parameters as strict JSON: a non-finite number (NaN, infinity) is written as the string
+    ``"nan"``, ``"inf"`` or ``"-inf"`` (``float()`` reads it back), never as a bare ``NaN`` no JSON parser accepts;
+    values JSON has no type for are written as their ``str``."""
+    return json.dumps(_finite(dict(parameters)), default=str, allow_nan=False)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(float(value))
+    if isinstance(value, Mapping):
+        return {str(key): _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def format_parameters(parameters: Mapping[str, object]) -> str:
@@ -81,21 +75,29 @@ def format_parameters(parameters: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
-def save_image(image: Image.Image, path: str | os.PathLike, parameters: Mapping[str, object] | None = None) -> Path:
-    """Save a PNG with the generation parameters as a ``parameters`` text chunk and as JSON (``diffsynth``).
+def save_image(
+    image: Image.Image,
+    path: str | os.PathLike,
+    parameters: Mapping[str, object] | None = None,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Save a PNG with the generation parameters as a ``parameters`` text chunk and as JSON (``diffsynth``,
+    ``metadata_json``: NaN and infinities become strings); returns the path written.
 
     ``parameters`` defaults to what the pipeline attached to the image (``image.info["diffsynth"]``).
+    overwrite=False never replaces a file: a taken name (also one taken by a run finishing at the same moment)
+    gives ``name-1.png``, ``name-2.png``, ... The file appears complete or not at all, with the umask's mode.
     """
-    path = Path(path)
     if parameters is None:
         parameters = json.loads(image.info.get("diffsynth", "{}"))
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", format_parameters(parameters))
-        info.add_text("diffsynth", json.dumps(dict(parameters), default=str))
-    with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG", pnginfo=info)
-    return path
+        info.add_text("diffsynth", metadata_json(parameters))
+    with atomic_file(path, overwrite=overwrite, clean_leftovers=True) as pending:
+        image.save(pending.temporary, format="PNG", pnginfo=info)
+    return pending.path
 
 
 class VideoFrames(list):
@@ -125,14 +127,18 @@ def save_video(
     metadata: Mapping[str, object] | None = None,
     quality: float = 7,
     progress_bar: bool = True,
+    *,
+    overwrite: bool = True,
 ) -> Path:
-    """Write frames as an H.264 mp4 (yuv420p, plays everywhere), atomically, with the parameters in its metadata.
+    """Write frames as an H.264 mp4 (yuv420p, plays everywhere), atomically, with the parameters in its metadata;
+    returns the path written.
 
     fps: frames per second; None takes the pipeline's (``VideoFrames.fps``: the model's native rate, 16 for Wan 2.1,
         24 for Wan2.2-TI2V-5B). metadata: JSON-able generation parameters stored as the file's ``comment`` tag
         (``ffprobe`` shows it); None takes ``VideoFrames.parameters``. quality: imageio-ffmpeg's 1-10 scale
         (10 best; H.264 CRF ``51 * (1 - quality / 10)``). Width and height must be even (yuv420p halves chroma).
-    Nothing is left at ``path`` (nor beside it) when encoding fails.
+        overwrite=False: never replace a file; a taken name gives ``name-1.mp4``, ... (as in ``save_image``).
+    Nothing is left at ``path`` (nor beside it) when encoding fails. Metadata is strict JSON (``metadata_json``).
     """
     if fps is None:
         fps = getattr(frames, "fps", None)
@@ -158,11 +164,10 @@ def save_video(
     imageio_ffmpeg = _imageio_ffmpeg()
     output_params = ["-f", "mp4", "-movflags", "+faststart"]
     if metadata:
-        output_params += ["-metadata", f"comment={json.dumps(dict(metadata), default=str)}"]
-    path = Path(path)
-    with atomic_path(path) as temporary:
+        output_params += ["-metadata", f"comment={metadata_json(metadata)}"]
+    with atomic_file(path, overwrite=overwrite, clean_leftovers=True) as pending:
         writer = imageio_ffmpeg.write_frames(
-            str(temporary),
+            str(pending.temporary),
             (width, height),
             fps=fps,
             codec="libx264",
@@ -178,7 +183,7 @@ def save_video(
                 writer.send(frame.convert("RGB").tobytes())
         finally:
             writer.close()
-    return path
+    return pending.path
 
 
 def load_video(

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import save_file_atomic
+from ds_pipelines import save_safetensors_atomic
+
 from .data import ImageDataset
 from .family import TrainingAdapter
 
@@ -66,12 +67,13 @@ def build_cache(
         item = dataset[index]
         conditions, latents = encode_sample(adapter, pipe, item["pixels"], item["prompt"])
         tensors = {f"cond.{k}": v.cpu() for k, v in conditions.items()} | {"latents": latents.cpu()}
-        save_file_atomic(tensors, path, metadata={"identity": identity})
+        save_safetensors_atomic(tensors, path, metadata={"identity": identity})
         written += 1
     empty = folder / "empty.safetensors"
     if rank == 0 and (not empty.is_file() or _metadata(empty).get("model") != model):
         conditions, _ = encode_sample(adapter, pipe, None, "")
-        save_file_atomic({f"cond.{k}": v.cpu() for k, v in conditions.items()}, empty, metadata={"model": model})
+        tensors = {f"cond.{k}": v.cpu() for k, v in conditions.items()}
+        save_safetensors_atomic(tensors, empty, metadata={"model": model})
     return written
 
 

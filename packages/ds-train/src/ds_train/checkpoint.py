@@ -4,7 +4,9 @@ A checkpoint holds the trainable weights (``trainable.safetensors``), the optimi
 tensors and plain values only, read back with ``torch.load(weights_only=True)``), the learning-rate scheduler
 state and the step (``state.json``), and each process's random states (``rng-<rank>.safetensors`` for torch
 generators, json for Python's and NumPy's). Nothing is unpickled beyond tensors and plain containers.
-A crash while writing leaves a ``.tmp-`` folder that is ignored; the previous checkpoints stay intact.
+A crash while writing leaves a ``.tmp-`` folder that is ignored (and removed by the next run in the folder,
+``remove_staging_leftovers``); the previous checkpoints stay intact. Every file is written through ds-loader's
+atomic writer (synced to disk, mode from the umask).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ds_pipelines import atomic_file, save_safetensors_atomic, write_bytes_atomic
 
 __all__ = [
     "atomic_write_bytes",
@@ -29,6 +33,7 @@ __all__ = [
     "load_rng",
     "read_checkpoint",
     "read_rng",
+    "remove_staging_leftovers",
     "rng_state",
     "save_file_atomic",
     "staging_folder",
@@ -38,27 +43,13 @@ __all__ = [
 _NAME = re.compile(r"step-(\d+)")
 
 
-def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.save_file`` to a temporary name in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.save_file`` through a synced temporary in the same folder, then renamed into place."""
+    return save_safetensors_atomic(tensors, path, metadata)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return write_bytes_atomic(path, data)
 
 
 def checkpoint_steps(folder: Path) -> list[int]:
@@ -139,10 +130,10 @@ def finish_checkpoint(
     temporary, final = staging_folder(folder, step), folder / f"step-{step:06d}"
     temporary.mkdir(parents=True, exist_ok=True)
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
-        save_file(tensors, str(temporary / "trainable.safetensors"))
-        torch.save(optimizer_state, temporary / "optimizer.pt")
-        (temporary / "state.json").write_text(json.dumps(state, indent=1))  # last: marks it complete
+        save_safetensors_atomic(trainable, temporary / "trainable.safetensors")
+        with atomic_file(temporary / "optimizer.pt") as pending:
+            torch.save(optimizer_state, pending.temporary)
+        write_bytes_atomic(temporary / "state.json", json.dumps(state, indent=1).encode())  # last: marks it complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -153,6 +144,19 @@ def finish_checkpoint(
     for old in steps[: max(0, len(steps) - keep)] if keep > 0 else []:
         shutil.rmtree(folder / f"step-{old:06d}", ignore_errors=True)
     return final
+
+
+def remove_staging_leftovers(folder: Path) -> list[Path]:
+    """Remove the staging folders (``.tmp-step-*``) of checkpoints a killed run never finished.
+
+    Only for a run that holds the output folder's lock: then no other process is writing one of them.
+    """
+    removed = []
+    for entry in sorted(folder.glob(".tmp-step-*")) if folder.is_dir() else []:
+        if entry.is_dir() and re.fullmatch(r"\.tmp-step-\d+", entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def write_rng(folder: Path, rank: int, tensors: Mapping[str, torch.Tensor], plain: Mapping[str, Any]) -> None:

@@ -14,8 +14,11 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from .checkpoint import (
     load_rng,
     read_checkpoint,
     read_rng,
+    remove_staging_leftovers,
     rng_state,
     save_file_atomic,
     staging_folder,
@@ -49,8 +53,11 @@ def train(config: TrainingConfig, *, adapter: TrainingAdapter | None = None) -> 
     """Run ``config``; returns where the weights are. Works as a plain call and under ``accelerate launch``.
 
     Ctrl-C (KeyboardInterrupt) saves a checkpoint at the last finished step and returns with ``interrupted``
-    set; ``config.resume=True`` continues from the newest checkpoint in ``<output>/checkpoints`` to the same
-    loss curve an uninterrupted run follows.
+    set; while it saves, a second Ctrl-C only says that the save goes on (a fourth abandons it, saying so).
+    ``config.resume=True`` continues from the newest checkpoint in ``<output>/checkpoints`` to the same
+    loss curve an uninterrupted run follows. One run at a time per output folder: a second one raises
+    ``FolderLockedError`` naming the first (pid, host, start); the lock of a run that died is taken over, and the
+    temporary files and checkpoint staging folders it left are removed, with a message.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -68,7 +75,8 @@ def train(config: TrainingConfig, *, adapter: TrainingAdapter | None = None) -> 
         mixed_precision=config.mixed_precision, kwargs_handlers=[ddp], cpu=config.device == "cpu"
     )
     run = _Run(config, accelerator, adapter or adapter_for(config))
-    return run.execute()
+    with run.claim_output():
+        return run.execute()
 
 
 class _Run:
@@ -94,6 +102,38 @@ class _Run:
             print(f"[ds-train] {message}", flush=True)
 
     # ------------------------------------------------------------------ setup
+    @contextlib.contextmanager
+    def claim_output(self) -> Iterator[None]:
+        """The main process locks the output folder for the run, then removes what killed runs left in it."""
+        if not self.main:
+            yield
+            return
+        from ds_pipelines import FolderLock
+
+        lock = FolderLock(self.output, ".ds-train.lock").acquire()
+        try:
+            if lock.notice:
+                self.say(lock.notice)
+            self._remove_leftovers()
+            yield
+        finally:
+            lock.release()
+
+    def _remove_leftovers(self) -> None:
+        """Holding the lock, every temporary here is a dead run's: staging folders and hidden partial files."""
+        from ds_pipelines import remove_leftovers
+
+        checkpoints = self.output / "checkpoints"
+        removed = remove_staging_leftovers(checkpoints)
+        folders = [self.output, checkpoints, self.output / "cache", self.output / "samples"]
+        folders += [path for path in checkpoints.glob("step-*") if path.is_dir()] if checkpoints.is_dir() else []
+        for folder in folders:
+            removed += remove_leftovers(folder, started=time.time())
+        if removed:
+            names = ", ".join(str(path.relative_to(self.output)) for path in removed[:10])
+            more = f" and {len(removed) - 10} more" if len(removed) > 10 else ""
+            self.say(f"removed {len(removed)} leftover(s) of an interrupted run in {self.output}: {names}{more}")
+
     def execute(self) -> TrainingResult:
         config = self.config
         _seed_everything(config.seed)
@@ -318,6 +358,7 @@ class _Run:
         batches = self._batches(start)
         log = RunLog(self.output, start, config.tensorboard) if self.main else None
         step, began, interrupted, boundary = start, time.perf_counter(), False, None
+        guard = contextlib.ExitStack()  # after a Ctrl-C: further ones do not stop the save
         self.say(f"training {config.mode} for {config.steps} steps (from step {start}) on {self.world} process(es)")
         try:
             while step < config.steps:
@@ -350,15 +391,21 @@ class _Run:
                     self._sample(step)
         except KeyboardInterrupt:
             interrupted = True
-            self.say(f"interrupted: saving a checkpoint at step {step}")
-            self.optimizer.zero_grad(set_to_none=True)
-            if step > start and boundary is not None:
-                # The random state as it was when step ``step`` had finished, not mid-way through the next one.
-                self._checkpoint(step, boundary)
+            guard.enter_context(_deferred_interrupts(self.say, f"the checkpoint and weights at step {step}"))
+            self.say(f"interrupted: saving a checkpoint at step {step}; wait for it, another Ctrl-C does not stop it")
+            try:
+                self.optimizer.zero_grad(set_to_none=True)
+                if step > start and boundary is not None:
+                    # The random state as it was when step ``step`` had finished, not mid-way through the next one.
+                    self._checkpoint(step, boundary)
+            except BaseException:
+                guard.close()
+                raise
         finally:
             if log is not None:
                 log.close()
-        return self._finish(step, interrupted)
+        with guard:
+            return self._finish(step, interrupted)
 
     def _sample_due(self, step: int) -> bool:
         config = self.config
@@ -477,6 +524,31 @@ class _Run:
             "num_train_images": str(len(self.dataset.samples)),
             "targets": ",".join(config.lora_targets or self.adapter.default_lora_targets),
         }
+
+
+@contextlib.contextmanager
+def _deferred_interrupts(say: Callable[[str], None], what: str, presses: int = 3) -> Iterator[None]:
+    """Ctrl-C while ``what`` is being saved says that the save goes on; the ``presses``-th one abandons it, saying
+    that ``what`` was not written. Only the main thread can take signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    count = 0
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal count
+        count += 1
+        if count >= presses:
+            signal.signal(signal.SIGINT, previous)
+            say(f"abandoned: {what} was NOT written")
+            raise KeyboardInterrupt
+        say(f"still saving {what}; press Ctrl-C {presses - count} more time(s) to abandon it")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _CachedSamples(torch.utils.data.Dataset):
