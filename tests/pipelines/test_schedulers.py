@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ds_pipelines import FlowMatchScheduler
+from ds_models_core import FlowMatchTemplate, flow_match_sigmas
+from ds_pipelines import FLOW_MATCH_TEMPLATES, FlowMatchScheduler, FlowUniPCScheduler
 
 
 def bfl_schedule(steps: int, sequence_length: int, shift: bool = True) -> list[float]:
@@ -127,5 +128,25 @@ def test_training_helpers():
 def test_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call(FlowMatchScheduler("flux.1"))
-    with pytest.raises(ValueError, match="unknown scheduler template 'sd3'"):
+    with pytest.raises(ValueError, match=r"unknown scheduler template 'sd3'; known: .*flux\.1.*wan"):
         FlowMatchScheduler("sd3")
+    with pytest.raises(TypeError, match="FlowMatchTemplate or its name, got int"):
+        FlowMatchScheduler(3)
+
+
+def test_templates_come_from_the_installed_families():
+    """A name is looked up in the family registry; a template instance needs no family at all."""
+    from ds_models_flux import SCHEDULES as FLUX_SCHEDULES
+    from ds_models_wan import SCHEDULES as WAN_SCHEDULES
+
+    assert FlowMatchScheduler("flux.1").template is FLUX_SCHEDULES["flux.1"]
+    assert FlowUniPCScheduler("wan").template is WAN_SCHEDULES["wan"]
+    assert {**FLUX_SCHEDULES, **WAN_SCHEDULES}.items() <= dict(FLOW_MATCH_TEMPLATES).items()
+    assert "flux.1-schnell" in FLOW_MATCH_TEMPLATES and len(FLOW_MATCH_TEMPLATES) >= 3
+    toy = FlowMatchTemplate("toy", sigma_max=0.5, shift=2.0)
+    scheduler = FlowMatchScheduler(toy)
+    timesteps = scheduler.set_timesteps(6, sigma_shift=3.0)
+    torch.testing.assert_close(scheduler.sigmas, flow_match_sigmas(toy, 6, sigma_shift=3.0).float(), rtol=0, atol=0)
+    assert torch.equal(timesteps, scheduler.sigmas[:-1])
+    with pytest.raises(TypeError):
+        FlowMatchScheduler()  # the template names a family, so it has no default

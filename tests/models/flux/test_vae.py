@@ -15,7 +15,6 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from ds_models_flux import FluxVAE, FluxVAEConfig
-from ds_models_flux.vae import _run_tiled
 
 TINY = FluxVAEConfig.tiny()
 
@@ -160,23 +159,13 @@ def test_full_size_layout_matches_diffusers_converter() -> None:
     assert 83e6 < sum(math.prod(s) for s in ours_shapes.values()) < 85e6
 
 
-def test_tiling_weights_blend_exactly() -> None:
-    """With a pointwise model, tiled equals untiled: the ramps sum to one and every pixel is covered."""
-    x = torch.randn(1, 2, 13, 21)
-    upsample = torch.nn.Upsample(scale_factor=8)
-    for tile, overlap in ((4, 2), (5, 0), (6, 5), (30, 4)):
-        torch.testing.assert_close(_run_tiled(upsample, x, tile, overlap, in_scale=1, out_scale=8), upsample(x))
-        big = upsample(x)
-        torch.testing.assert_close(_run_tiled(lambda t: t[..., ::8, ::8], big, tile, overlap, 8, 1), x)
-
-
 def test_tiled_matches_untiled_on_smooth_input(pair: tuple[FluxVAE, AutoencoderKL]) -> None:
     """Tiles see their own GroupNorm statistics, attention and zero-padded borders: close to untiled, not equal.
 
     Stated bound, for a smooth stationary 128x128 texture and tiles of 12 latents overlapping by 4 (relative
     to the untiled output's standard deviation): encode mean |diff| < 0.1 and max < 0.75; decode mean < 0.25
     and max < 2.5. Random weights do not damp border effects as trained ones do, hence the loose maxima; the
-    blending itself is exact (test_tiling_weights_blend_exactly).
+    blending itself is exact (tests/models/core/test_tiling.py).
     """
     ours, _ = pair
     images = smooth_texture(1, 128)

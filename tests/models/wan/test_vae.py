@@ -18,7 +18,7 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
 from ds_loader import load_model, open_checkpoints
-from ds_models_wan.vae import CACHE_T, WanVAE, WanVAEConfig, run_tiled
+from ds_models_wan.vae import CACHE_T, WanVAE, WanVAEConfig
 from ds_models_wan.vae22 import WanVAE22, WanVAE22Config
 from ds_models_wan.vae_specs import VAE21_SPEC, VAE22_SPEC, detect_vae21, detect_vae22, diffusers_to_official
 
@@ -268,22 +268,13 @@ def test_streaming_is_causal_and_bounded(tiny21: WanVAE) -> None:
             assert all(v is None or v.shape[2] <= CACHE_T for v in cache.values())
 
 
-def test_tiling_weights_blend_exactly() -> None:
-    """With a pointwise model tiled equals untiled: the ramps sum to one and every pixel is covered."""
-    x = torch.randn(1, 2, 3, 13, 21)
-    up = torch.nn.Upsample(scale_factor=(1, 8, 8))
-    for tile, stride in (((4, 4), (2, 2)), ((5, 6), (5, 6)), ((6, 7), (1, 2)), ((30, 52), (15, 26))):
-        torch.testing.assert_close(run_tiled(up, x, tile, stride, in_scale=1, out_scale=8), up(x))
-        torch.testing.assert_close(run_tiled(lambda t: t[..., ::8, ::8], up(x), tile, stride, 8, 1), x)
-
-
 def test_tiled_matches_untiled_on_smooth_video(tiny21: WanVAE) -> None:
     """Tiles see zero-padded borders and their own attention: close to untiled, not equal.
 
     Stated bound, for a smooth moving pattern of 5 frames at 64x64 pixels (8x8 latents), tiles of 6x6 latents
     every 3x3, relative to the untiled output's standard deviation: encode mean |diff| < 0.1, max < 1; decode
     mean < 0.2, max < 2 (measured 0.070 / 0.76 and 0.143 / 1.35; random weights do not damp border effects as
-    trained ones do). The blending itself is exact (test_tiling_weights_blend_exactly).
+    trained ones do). The blending itself is exact (tests/models/core/test_tiling.py).
     """
     video = smooth_video(5, 64, 64)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Shared building blocks of DiffSynth model code: attention dispatch, RoPE, embeddings, norms, patchify."""
+"""Shared building blocks of DiffSynth model code: attention dispatch, RoPE, embeddings, norms, patchify, and the
+shared pure mechanics of families: flow-matching schedules, VAE tiling and the VAE protocol."""
 
 from ds_models_core.attention_dispatch import (
     ATTENTION_ENV_VAR,
@@ -21,16 +22,22 @@ from ds_models_core.rope import (
     rope_split,
     rotate_half,
 )
+from ds_models_core.schedules import FlowMatchTemplate, flow_match_sigmas, shift_sigmas
+from ds_models_core.tiling import run_tiled
+from ds_models_core.vae import VAE
 
 __all__ = [
     "ATTENTION_ENV_VAR",
+    "VAE",
     "AttentionBackendError",
+    "FlowMatchTemplate",
     "RMSNorm",
     "apply_rope",
     "apply_rope_complex",
     "apply_rope_split",
     "attention",
     "available_attention_implementations",
+    "flow_match_sigmas",
     "gated_residual",
     "grid_positions",
     "modulate",
@@ -41,6 +48,8 @@ __all__ = [
     "rope_complex",
     "rope_split",
     "rotate_half",
+    "run_tiled",
+    "shift_sigmas",
     "split_modulation",
     "timestep_embedding",
     "unpatchify",

@@ -3,6 +3,7 @@ encoders (transformers classes), detection specs for ds-loader, and the released
 
 from ds_models_flux.dit import FluxDiT, FluxDiTConfig
 from ds_models_flux.presets import PRESETS, FluxFile, FluxPreset, get_preset
+from ds_models_flux.schedules import SCHEDULES
 from ds_models_flux.specs import CLIP_SPEC, DIT_SPEC, SPECS, T5_SPEC, VAE_SPEC
 from ds_models_flux.text_encoders import CLIP_MAX_LENGTH, FluxTextEncoders, PromptTruncatedWarning, load_tokenizers
 from ds_models_flux.vae import FluxVAE, FluxVAEConfig
@@ -12,6 +13,7 @@ __all__ = [
     "CLIP_SPEC",
     "DIT_SPEC",
     "PRESETS",
+    "SCHEDULES",
     "SPECS",
     "T5_SPEC",
     "VAE_SPEC",

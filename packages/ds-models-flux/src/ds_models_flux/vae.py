@@ -4,14 +4,15 @@ The math follows black-forest-labs/flux ``modules/autoencoder.py``: an SD-style 
 encoder returns the mean and log-variance of a diagonal Gaussian; latents are scaled and shifted so the
 DiT sees roughly unit variance. Z-Image reuses this VAE.
 
-Tiled encode/decode bounds memory at high resolution: overlapping tiles are run separately and blended
-with linear ramps over the overlap. GroupNorm statistics and the mid-block attention then see one tile
-instead of the whole image, so tiled results differ slightly from untiled ones (see ``encode``).
+Tiled encode/decode bounds memory at high resolution: overlapping tiles of the latent grid are run separately
+and blended with linear ramps over the overlap (``ds_models_core.tiling``). GroupNorm statistics and the
+mid-block attention then see one tile instead of the whole image, so tiled results differ slightly from untiled
+ones (see ``encode``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_models_core import attention
+from ds_models_core import attention, run_tiled
 
 __all__ = ["FluxVAE", "FluxVAEConfig"]
 
@@ -233,69 +234,16 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Starts of tiles of length ``tile`` covering ``size`` with at least ``overlap`` shared; the last is flush."""
-    if size <= tile:
-        return [0]
-    return [*range(0, size - tile, tile - overlap), size - tile]
-
-
-def _ramp(length: int, lead: int, trail: int) -> torch.Tensor:
-    """Blend weights of one tile along one axis: linear ramps (never 0) over ``lead`` and ``trail`` samples."""
-    w = torch.ones(length)
-    if lead:
-        w[:lead] = (torch.arange(lead) + 0.5) / lead
-    if trail:
-        w[length - trail :] = torch.minimum(w[length - trail :], (torch.arange(trail, 0, -1) - 0.5) / trail)
-    return w
-
-
-def _tiles(size: int, tile: int, overlap: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(start, length, lead, trail)`` of the tiles along one axis, in latents.
-
-    ``lead`` and ``trail`` are the overlaps with the previous and next tile, over which the weights ramp; two
-    facing ramps sum to one, and the blend divides by the summed weights wherever more tiles meet.
-    """
-    starts = _tile_starts(size, tile, overlap)
-    length = min(tile, size)
-    for i, start in enumerate(starts):
-        lead = starts[i - 1] + length - start if i > 0 else 0
-        trail = start + length - starts[i + 1] if i < len(starts) - 1 else 0
-        yield start, length, lead, trail
-
-
-def _run_tiled(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int, in_scale: int, out_scale: int
-) -> torch.Tensor:
-    """Run ``fn`` on overlapping tiles of ``x`` and blend the outputs.
-
-    Tiles are laid out on the latent grid (``tile`` and ``overlap`` in latents); one latent is ``in_scale``
-    samples of ``x`` and ``out_scale`` samples of the output.
-    """
-    grid_h, grid_w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
-    out = weight = None
-    for top, th, lead_h, trail_h in _tiles(grid_h, tile, overlap):
-        for left, tw, lead_w, trail_w in _tiles(grid_w, tile, overlap):
-            rows, cols = slice(top * in_scale, (top + th) * in_scale), slice(left * in_scale, (left + tw) * in_scale)
-            piece = fn(x[..., rows, cols]).float()
-            if out is None:
-                out = piece.new_zeros(*piece.shape[:2], grid_h * out_scale, grid_w * out_scale)
-                weight = piece.new_zeros(grid_h * out_scale, grid_w * out_scale)
-            s = out_scale
-            mask = _ramp(th * s, lead_h * s, trail_h * s)[:, None] * _ramp(tw * s, lead_w * s, trail_w * s)[None, :]
-            mask = mask.to(piece.device)
-            rows, cols = slice(top * s, (top + th) * s), slice(left * s, (left + tw) * s)
-            out[..., rows, cols] += piece * mask
-            weight[rows, cols] += mask
-    return (out / weight).to(x.dtype)
-
-
 class FluxVAE(nn.Module):
     """The FLUX.1 autoencoder: ``encode`` images in [-1, 1] to DiT latents, ``decode`` them back.
 
     Latents are ``scale_factor * (z - shift_factor)`` of the encoder's Gaussian, as the reference returns
-    them and the DiT expects them. Inputs must have the dtype and device of the weights.
+    them and the DiT expects them. Inputs must have the dtype and device of the weights. Satisfies the
+    ``ds_models_core.VAE`` protocol (``spatial_compression``, ``temporal_compression`` 1, ``latent_channels``).
     """
+
+    temporal_compression = 1  # an image VAE
+    default_tile_size = 64  # latents per tile side when ``tiled`` is asked for without a size (512 pixels)
 
     def __init__(self, config: FluxVAEConfig) -> None:
         super().__init__()
@@ -303,9 +251,20 @@ class FluxVAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent along each side (8; ``config.downscale``)."""
+        return self.config.downscale
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents (16; ``config.z_channels``)."""
+        return self.config.z_channels
+
     def encode(
         self,
         images: torch.Tensor,
+        tiled: bool = False,
         *,
         sample: bool = False,
         generator: torch.Generator | None = None,
@@ -315,16 +274,17 @@ class FluxVAE(nn.Module):
         """``(B, 3, H, W)`` images in [-1, 1] to latents ``(B, z_channels, H / 8, W / 8)``.
 
         Args:
+            tiled: encode in overlapping tiles (``tile_size`` latents per side, 64 when not given). Giving
+                ``tile_size`` tiles too. H and W must then be multiples of 8.
             sample: draw ``mean + std * noise`` from the encoder's Gaussian instead of taking its mean (the
                 reference default is the mean). The noise is float32 on the generator's device.
             generator: the random source of ``sample``.
-            tile_size: encode in tiles of this many latents per side (``8 * tile_size`` pixels); None: whole.
-                H and W must then be multiples of 8.
+            tile_size: latents per tile side (``8 * tile_size`` pixels).
             tile_overlap: latents shared by neighbouring tiles (at least), blended linearly; None: a quarter of
                 ``tile_size``. On a smooth image, tiled stays within 10% of the output's standard deviation
                 of untiled (tests/models/flux/test_vae.py, tiny random VAE).
         """
-        moments = self._maybe_tiled(self.encoder, images, tile_size, tile_overlap, encode=True)
+        moments = self._maybe_tiled(self.encoder, images, tiled, tile_size, tile_overlap, encode=True)
         mean, logvar = moments.chunk(2, dim=1)
         z = mean
         if sample:
@@ -334,14 +294,19 @@ class FluxVAE(nn.Module):
         return self.config.scale_factor * (z - self.config.shift_factor)
 
     def decode(
-        self, latents: torch.Tensor, *, tile_size: int | None = None, tile_overlap: int | None = None
+        self,
+        latents: torch.Tensor,
+        tiled: bool = False,
+        *,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
     ) -> torch.Tensor:
         """Latents ``(B, z_channels, h, w)`` (as from ``encode``) to images ``(B, 3, 8h, 8w)``, roughly in [-1, 1].
 
-        ``tile_size`` and ``tile_overlap`` are in latents, as in ``encode``.
+        ``tiled``, ``tile_size`` and ``tile_overlap`` (in latents) are as in ``encode``.
         """
         z = latents / self.config.scale_factor + self.config.shift_factor
-        return self._maybe_tiled(self.decoder, z, tile_size, tile_overlap, encode=False)
+        return self._maybe_tiled(self.decoder, z, tiled, tile_size, tile_overlap, encode=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``decode(encode(images))``."""
@@ -351,12 +316,15 @@ class FluxVAE(nn.Module):
         self,
         fn: Callable[[torch.Tensor], torch.Tensor],
         x: torch.Tensor,
+        tiled: bool,
         tile_size: int | None,
         tile_overlap: int | None,
         encode: bool,
     ) -> torch.Tensor:
-        if tile_size is None:
+        if not tiled and tile_size is None:
             return fn(x)
+        if tile_size is None:
+            tile_size = self.default_tile_size
         if tile_overlap is None:
             tile_overlap = tile_size // 4
         if not isinstance(tile_size, int) or tile_size <= 0 or not 0 <= tile_overlap < tile_size:
@@ -364,10 +332,11 @@ class FluxVAE(nn.Module):
                 f"tile_size={tile_size!r} must be a positive number of latents and tile_overlap={tile_overlap!r} "
                 "must be >= 0 and smaller than tile_size"
             )
-        f = self.config.downscale
+        f = self.spatial_compression
         if encode and (x.shape[-2] % f or x.shape[-1] % f):
             raise ValueError(
                 f"tiled encode needs height and width divisible by {f}, got {tuple(x.shape[-2:])}; "
                 "crop or resize the image"
             )
-        return _run_tiled(fn, x, tile_size, tile_overlap, in_scale=f if encode else 1, out_scale=1 if encode else f)
+        stride = tile_size - tile_overlap
+        return run_tiled(fn, x, tile_size, stride, in_scale=f if encode else 1, out_scale=1 if encode else f)

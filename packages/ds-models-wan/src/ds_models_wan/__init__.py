@@ -5,6 +5,7 @@ models as presets."""
 from ds_models_wan.dit import WanDiT, WanDiTConfig
 from ds_models_wan.image_encoder import clip_vit_h14_config, encode_image
 from ds_models_wan.presets import PRESETS, WanFile, WanPreset, get_preset
+from ds_models_wan.schedules import SCHEDULES
 from ds_models_wan.specs import DIT_SPEC, SPECS
 from ds_models_wan.text_encoder import encode_prompt, load_wan_tokenizer, umt5_xxl_config
 from ds_models_wan.vae import WanVAE, WanVAEConfig
@@ -13,6 +14,7 @@ from ds_models_wan.vae22 import WanVAE22, WanVAE22Config
 __all__ = [
     "DIT_SPEC",
     "PRESETS",
+    "SCHEDULES",
     "SPECS",
     "WanDiT",
     "WanDiTConfig",

@@ -9,13 +9,13 @@ convolution keeps the last ``CACHE_T`` (2) frames of its input between chunks (`
 grow with the frame count. The Wan 2.2 VAE (``vae22.py``) reuses these blocks.
 
 Spatial tiling (``tiled=True``) splits the latent grid into overlapping tiles, runs each tile through the whole
-streamed encode or decode, and blends the overlaps with linear ramps. Tiles see no context beyond their border, so
-tiled output differs slightly from untiled output near seams (bounds in tests/models/wan/test_vae.py).
+streamed encode or decode, and blends the overlaps with linear ramps (``ds_models_core.tiling``). Tiles see no
+context beyond their border, so tiled output differs slightly from untiled output near seams (bounds in
+tests/models/wan/test_vae.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_models_core import attention
+from ds_models_core.tiling import run_tiled
 
 __all__ = [
     "WAN21_LATENTS_MEAN",
@@ -342,77 +343,6 @@ class Decoder3d(nn.Module):
 # --- streaming, tiling and the public model -------------------------------------------------------------------
 
 
-def _axis_tiles(size: int, tile: int, stride: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(start, length, lead, trail)`` of tiles of ``tile`` latents every ``stride`` along an axis of ``size``.
-
-    The last tile is moved back to end flush with the axis; ``lead``/``trail`` are the overlaps with the previous
-    and next tile, over which blending weights ramp.
-    """
-    if size <= tile:
-        yield 0, size, 0, 0
-        return
-    starts = [*range(0, size - tile, stride), size - tile]
-    for i, start in enumerate(starts):
-        lead = starts[i - 1] + tile - start if i > 0 else 0
-        trail = start + tile - starts[i + 1] if i < len(starts) - 1 else 0
-        yield start, tile, lead, trail
-
-
-def _ramp(length: int, lead: int, trail: int) -> torch.Tensor:
-    """Blend weights of one tile along one axis: linear ramps (never 0) over the ``lead`` and ``trail`` samples."""
-    w = torch.ones(length)
-    if lead:
-        w[:lead] = (torch.arange(lead) + 0.5) / lead
-    if trail:
-        w[length - trail :] = torch.minimum(w[length - trail :], (torch.arange(trail, 0, -1) - 0.5) / trail)
-    return w
-
-
-def run_tiled(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    tile: tuple[int, int],
-    stride: tuple[int, int],
-    in_scale: int,
-    out_scale: int,
-) -> torch.Tensor:
-    """Run ``fn`` on overlapping spatial tiles of a video ``x`` (B, C, T, H, W) and blend the outputs.
-
-    Tiles lie on the latent grid: ``tile`` and ``stride`` are in latents, one latent is ``in_scale`` samples of
-    ``x`` and ``out_scale`` of the output. Weights ramp linearly over overlaps and are normalised where tiles meet.
-    """
-    grid_h, grid_w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
-    out = weight = None
-    s = out_scale
-    for top, th, lead_h, trail_h in _axis_tiles(grid_h, tile[0], stride[0]):
-        for left, tw, lead_w, trail_w in _axis_tiles(grid_w, tile[1], stride[1]):
-            rows = slice(top * in_scale, (top + th) * in_scale)
-            cols = slice(left * in_scale, (left + tw) * in_scale)
-            piece = fn(x[..., rows, cols])
-            if out is None:
-                out = piece.new_zeros(*piece.shape[:3], grid_h * s, grid_w * s, dtype=torch.float32)
-                weight = piece.new_zeros(grid_h * s, grid_w * s, dtype=torch.float32)
-            mask = _ramp(th * s, lead_h * s, trail_h * s)[:, None] * _ramp(tw * s, lead_w * s, trail_w * s)[None]
-            mask = mask.to(piece.device)
-            rows, cols = slice(top * s, (top + th) * s), slice(left * s, (left + tw) * s)
-            out[..., rows, cols] += piece.float() * mask
-            weight[rows, cols] += mask
-            del piece
-    return (out / weight).to(x.dtype)
-
-
-def check_tiles(tile_size: tuple[int, int], tile_stride: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    tile_size, tile_stride = tuple(tile_size), tuple(tile_stride)
-    ok = len(tile_size) == 2 and len(tile_stride) == 2
-    ok = ok and all(isinstance(v, int) and v > 0 for v in (*tile_size, *tile_stride))
-    if not ok or any(st > t for st, t in zip(tile_stride, tile_size, strict=True)):
-        raise ValueError(
-            f"tile_size={tile_size!r} and tile_stride={tile_stride!r} must be (height, width) pairs of positive "
-            "latent counts with stride <= size (e.g. tile_size=(30, 52), tile_stride=(15, 26))"
-        )
-    return tile_size, tile_stride  # type: ignore[return-value]
-
-
 def nearest_frame_counts(frames: int) -> str:
     below = (frames - 1) // 4 * 4 + 1
     return f"{below} or {below + 4}" if below >= 1 else "1 or 5"
@@ -422,11 +352,17 @@ class WanVideoVAEBase(nn.Module):
     """Streaming, tiling and latent normalisation shared by ``WanVAE`` and ``WanVAE22``.
 
     Subclasses set ``encoder``, ``conv1`` (moments), ``conv2`` (latents), ``decoder``, ``z_dim``,
-    ``spatial_compression``, ``patch_size`` and ``config`` (with ``latents_mean``/``latents_std``).
+    ``spatial_compression``, ``patch_size`` and ``config`` (with ``latents_mean``/``latents_std``). Satisfies the
+    ``ds_models_core.VAE`` protocol (``latent_channels`` is ``z_dim``).
     """
 
     temporal_compression = 4
     patch_size = 1
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents (``z_dim``: 16 for 2.1, 48 for 2.2)."""
+        return self.z_dim
 
     @property
     def latents_mean(self) -> torch.Tensor:
@@ -472,7 +408,6 @@ class WanVideoVAEBase(nn.Module):
         if height % s or width % s:
             raise ValueError(f"encode needs height and width divisible by {s}, got {height}x{width}")
         if tiled:
-            tile_size, tile_stride = check_tiles(tile_size, tile_stride)
             mu = run_tiled(self._encode_stream, video, tile_size, tile_stride, in_scale=s, out_scale=1)
         else:
             mu = self._encode_stream(video)
@@ -495,7 +430,6 @@ class WanVideoVAEBase(nn.Module):
         mean, std = self._stats(latents)
         z = latents * std + mean
         if tiled:
-            tile_size, tile_stride = check_tiles(tile_size, tile_stride)
             video = run_tiled(
                 self._decode_stream, z, tile_size, tile_stride, in_scale=1, out_scale=self.spatial_compression
             )

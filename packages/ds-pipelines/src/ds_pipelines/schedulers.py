@@ -1,81 +1,60 @@
-"""One flow-matching scheduler, with a template per family that reproduces its official sampling schedule.
+"""One flow-matching scheduler; each family's templates reproduce its official sampling schedule.
 
 Flow matching moves a sample along ``x_sigma = (1 - sigma) * x_0 + sigma * noise`` from sigma = 1 (noise) to
 sigma = 0 (data); the model predicts the velocity ``noise - x_0`` and each Euler step moves by
 ``(sigma_next - sigma) * velocity``. Families differ only in the grid of sigmas and how it is shifted toward
-the noisy end, which every template below states with its source.
+the noisy end: the grid math is ``ds_models_core.schedules``, and each family states its templates, with their
+sources, in its own ``schedules.py`` (registered through its family descriptor). Nothing here names a family.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 
 import torch
+
+from ds_loader.families import list_families, schedule_template
+from ds_models_core.schedules import FlowMatchTemplate, flow_match_sigmas, shift_sigmas
 
 __all__ = ["FLOW_MATCH_TEMPLATES", "FlowMatchScheduler", "FlowMatchTemplate", "FlowUniPCScheduler", "shift_sigmas"]
 
 
-def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """``shift * s / (1 + (shift - 1) * s)``: spends more steps at high noise for shift > 1.
+class _InstalledTemplates(Mapping[str, FlowMatchTemplate]):
+    """Every installed family's schedule templates by name, read from the family registry at each use."""
 
-    It equals FLUX.1's exponential ``time_shift(mu, 1, s)`` with ``shift = exp(mu)``, so one formula covers the
-    static (Wan, Z-Image) and the resolution-dependent (FLUX.1) shifts.
-    """
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
+    def _templates(self) -> dict[str, FlowMatchTemplate]:
+        return {name: template for family in list_families() for name, template in family.schedules.items()}
 
+    def __getitem__(self, name: str) -> FlowMatchTemplate:
+        return self._templates()[name]
 
-def _linear_in_sequence_length(length: int, start: tuple[int, float], end: tuple[int, float]) -> float:
-    (x1, y1), (x2, y2) = start, end
-    return y1 + (y2 - y1) * (length - x1) / (x2 - x1)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._templates())
 
-
-@dataclass(frozen=True)
-class FlowMatchTemplate:
-    """A family's schedule: the unshifted grid's top, and either a fixed shift or a mu linear in sequence length.
-
-    The grid is ``linspace(sigma_max, 0, N + 1)``; ``drop_terminal`` families (Wan) build ``N + 1`` points and
-    keep ``N`` of them before appending the final 0, as their reference code does.
-    """
-
-    name: str
-    sigma_max: float = 1.0
-    shift: float | None = None  # a fixed shift
-    mu_points: tuple[tuple[int, float], tuple[int, float]] | None = None  # (sequence length, mu) pairs
-    drop_terminal: bool = False
-
-    def shift_for(self, image_sequence_length: int | None) -> float:
-        if self.mu_points is not None:
-            if image_sequence_length is None:
-                raise ValueError(f"the {self.name} schedule depends on the image sequence length; pass it")
-            return math.exp(_linear_in_sequence_length(image_sequence_length, *self.mu_points))
-        return 1.0 if self.shift is None else self.shift
+    def __len__(self) -> int:
+        return len(self._templates())
 
 
-FLOW_MATCH_TEMPLATES: dict[str, FlowMatchTemplate] = {
-    # black-forest-labs/flux sampling.get_schedule: linspace(1, 0, N+1), mu from (256, 0.5) to (4096, 1.15).
-    "flux.1": FlowMatchTemplate("flux.1", mu_points=((256, 0.5), (4096, 1.15))),
-    # FLUX.1-schnell is sampled without the shift.
-    "flux.1-schnell": FlowMatchTemplate("flux.1-schnell"),
-    # Wan-Video/Wan2.1 and Wan2.2 FlowUniPCMultistepScheduler (their default solver): its training grid
-    # 1 - linspace(1, 1/1000, 1000) runs from 0.999 to 0, so set_timesteps takes linspace(0.999, 0, N+1)[:-1],
-    # shifts it (5 by default; the per-release sample_shift), and appends a terminal 0 (final_sigmas_type
-    # "zero"). Their "dpm++" path starts at 1.0 instead (get_sampling_sigmas); we follow the default solver.
-    "wan": FlowMatchTemplate("wan", sigma_max=0.999, shift=5.0, drop_terminal=True),
-}
+FLOW_MATCH_TEMPLATES: Mapping[str, FlowMatchTemplate] = _InstalledTemplates()
 
 
 class FlowMatchScheduler:
     """Euler flow-matching sampler and the training helpers built on the same sigmas.
 
+    ``template``: a ``FlowMatchTemplate``, or the name of one an installed family declares in its ``SCHEDULES``
+    (an unknown name is a ValueError listing the known ones).
+
     ``set_timesteps`` fills ``sigmas`` (N + 1 values, ending at 0) and ``timesteps`` (the N sigmas a model is
-    called at, in [0, 1]; a family's model function scales them, FLUX.1 and Wan by 1000).
+    called at, in [0, 1]; a family's model function scales them, typically by 1000).
     """
 
-    def __init__(self, template: str = "flux.1"):
-        if template not in FLOW_MATCH_TEMPLATES:
-            raise ValueError(f"unknown scheduler template {template!r}; known: {', '.join(FLOW_MATCH_TEMPLATES)}")
-        self.template = FLOW_MATCH_TEMPLATES[template]
+    def __init__(self, template: FlowMatchTemplate | str):
+        if isinstance(template, str):
+            template = schedule_template(template)
+        elif not isinstance(template, FlowMatchTemplate):
+            raise TypeError(f"template must be a FlowMatchTemplate or its name, got {type(template).__name__}")
+        self.template = template
         self.sigmas = torch.zeros(0)
         self.timesteps = torch.zeros(0)
         self._sigmas64 = torch.zeros(0, dtype=torch.float64)
@@ -88,26 +67,18 @@ class FlowMatchScheduler:
         image_sequence_length: int | None = None,
         sigma_shift: float | None = None,
     ) -> torch.Tensor:
-        """Build the schedule; returns ``timesteps``.
+        """Build the schedule (``ds_models_core.flow_match_sigmas``); returns ``timesteps``.
 
         ``denoising_strength`` < 1 (image-to-image) starts the unshifted grid at ``strength * sigma_max`` and
         still runs ``num_inference_steps`` steps over it. ``sigma_shift`` replaces the template's shift.
         """
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
-        if not 0 < denoising_strength <= 1:
-            raise ValueError(f"denoising_strength={denoising_strength!r} must be in (0, 1]")
-        if sigma_shift is not None and sigma_shift <= 0:
-            raise ValueError(f"sigma_shift={sigma_shift!r} must be > 0")
-        template = self.template
-        top = template.sigma_max * denoising_strength
-        grid = torch.linspace(top, 0, num_inference_steps + 1, dtype=torch.float64)
-        if template.drop_terminal:
-            grid = grid[:-1]
-        shift = sigma_shift if sigma_shift is not None else template.shift_for(image_sequence_length)
-        sigmas = shift_sigmas(grid, shift)
-        if template.drop_terminal:
-            sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        sigmas = flow_match_sigmas(
+            self.template,
+            num_inference_steps,
+            denoising_strength=denoising_strength,
+            image_sequence_length=image_sequence_length,
+            sigma_shift=sigma_shift,
+        )
         self._sigmas64 = sigmas
         self.sigmas = sigmas.float()
         self.timesteps = self.sigmas[:-1]
@@ -193,7 +164,7 @@ class FlowUniPCScheduler(FlowMatchScheduler):
     1000)`` of the float64 grid (its ``timesteps`` are int64), while the update uses the exact float32 sigmas.
     """
 
-    def __init__(self, template: str = "wan", order: int = 2):
+    def __init__(self, template: FlowMatchTemplate | str, order: int = 2):
         super().__init__(template)
         if order not in (1, 2, 3):
             raise ValueError(f"UniPC order={order!r} is not supported; use 1, 2 or 3")
