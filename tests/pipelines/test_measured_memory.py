@@ -51,7 +51,7 @@ def test_the_shipped_file_holds_no_measurements_yet(monkeypatch):
 
 def test_a_cuda_measurement_replaces_the_estimate_for_that_size_only(measured):
     dev = get_model_entry("flux.1-dev")
-    rule = catalog._rule_estimate(dev, "offload", None, None, None)
+    rule = catalog.rule_estimate(dev, "offload", None, None, None)
     measured(record())
     need = memory_need(dev, "offload")
     assert need == MemoryNeed(25 * GIB, True, f"measured on {H100} (2026-01-02)")
@@ -59,7 +59,7 @@ def test_a_cuda_measurement_replaces_the_estimate_for_that_size_only(measured):
     assert memory_need(dev, "offload", 1024, 1024) == need  # the default size, spelt out
     other_size = memory_need(dev, "offload", 512, 512)
     assert not other_size.measured and other_size.source == "estimated"
-    assert other_size.bytes == catalog._rule_estimate(dev, "offload", 512, 512, None)
+    assert other_size.bytes == catalog.rule_estimate(dev, "offload", 512, 512, None)
     assert not memory_need(dev, "fp8").measured  # another setting
     assert not memory_need(get_model_entry("flux.1-schnell"), "offload").measured  # another preset
 
@@ -84,7 +84,7 @@ def test_a_malformed_file_warns_naming_it_and_falls_back(measured, text):
     dev = get_model_entry("flux.1-dev")
     with pytest.warns(UserWarning, match=f"{path}: malformed measured-memory file"):
         need = memory_need(dev, "offload")
-    assert not need.measured and need.bytes == catalog._rule_estimate(dev, "offload", None, None, None)
+    assert not need.measured and need.bytes == catalog.rule_estimate(dev, "offload", None, None, None)
 
 
 def test_an_absent_or_empty_file_means_estimates_without_a_warning(measured, tmp_path, monkeypatch):

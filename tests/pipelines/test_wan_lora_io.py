@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from ds_models_wan import WanDiT, WanDiTConfig
+from ds_models_wan.lora import wan_diffusers_lora_name, wan_layer_from_flat, wan_lora_target
 from ds_pipelines.lora import lora_layers, parse_lora, read_lora
 from ds_pipelines.lora_io import (
     FORMATS,
@@ -22,7 +23,6 @@ from ds_pipelines.lora_io import (
     read_lora_layers,
     save_lora_file,
 )
-from ds_pipelines.wan_sources import wan_diffusers_lora_name, wan_layer_from_flat, wan_lora_target
 from tests.models.wan.conftest import official_state_dict, random_diffusers_dit
 from tests.models.wan.test_dit import diffusers_call, inputs
 

@@ -27,13 +27,13 @@ DIT_LAYOUTS = {  # fixture attribute -> (format, spec to pass or None)
     "dit_sharded": ("bfl", None),
     "dit_comfy": ("comfyui", None),
     "dit_fp8": ("bfl-fp8", None),
-    "all_in_one": ("comfyui-fp8", "flux.dit"),
+    "all_in_one": ("comfyui-fp8", "flux.1.dit"),
 }
 VAE_LAYOUTS = {
     "vae_bfl": ("bfl", None),
     "vae_fp8": ("bfl-fp8", None),
     "vae_sd": ("sd", None),
-    "all_in_one": ("comfyui", "flux.vae"),
+    "all_in_one": ("comfyui", "flux.1.vae"),
 }
 
 
@@ -77,7 +77,7 @@ def _vae_out(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_entry_point_registers_the_specs() -> None:
     names = {spec.name for spec in registry.specs()}
-    assert {"flux.dit", "flux.vae", "flux.text_encoder_clip", "flux.text_encoder_t5"} <= names
+    assert {"flux.1.dit", "flux.1.vae", "flux.1.text_encoder_clip", "flux.1.text_encoder_t5"} <= names
     assert all(registry.get(spec.name) is spec for spec in SPECS)
 
 
@@ -164,10 +164,10 @@ def test_vae_diffusers_folder_matches_the_diffusers_model(flux_files) -> None:
 def test_all_in_one_file_holds_four_models(flux_files) -> None:
     matches = detect(flux_files.all_in_one, specs=SPECS)
     assert sorted((m.spec.name, m.format) for m in matches) == [
-        ("flux.dit", "comfyui-fp8"),
-        ("flux.text_encoder_clip", "comfyui"),
-        ("flux.text_encoder_t5", "comfyui"),
-        ("flux.vae", "comfyui"),
+        ("flux.1.dit", "comfyui-fp8"),
+        ("flux.1.text_encoder_clip", "comfyui"),
+        ("flux.1.text_encoder_t5", "comfyui"),
+        ("flux.1.vae", "comfyui"),
     ]
     with pytest.raises(AmbiguousModelError, match="several models match"):
         load_model(flux_files.all_in_one)
@@ -176,10 +176,10 @@ def test_all_in_one_file_holds_four_models(flux_files) -> None:
 def test_repository_components_are_each_recognised(flux_files) -> None:
     found = {(m.checkpoint.component, m.spec.name, m.format) for m in detect(flux_files.repo, specs=SPECS)}
     assert found == {
-        ("transformer", "flux.dit", "diffusers"),
-        ("vae", "flux.vae", "diffusers"),
-        ("text_encoder", "flux.text_encoder_clip", "transformers"),
-        ("text_encoder_2", "flux.text_encoder_t5", "transformers"),
+        ("transformer", "flux.1.dit", "diffusers"),
+        ("vae", "flux.1.vae", "diffusers"),
+        ("text_encoder", "flux.1.text_encoder_clip", "transformers"),
+        ("text_encoder_2", "flux.1.text_encoder_t5", "transformers"),
     }
 
 

@@ -67,7 +67,7 @@ def test_loaded_encoders_equal_the_transformers_models(flux_files, layout: str, 
 
 def test_configs_are_inferred_from_shapes(flux_files) -> None:
     by_name = {m.spec.name: m for m in detect(flux_files.all_in_one, specs=SPECS)}  # no config.json here
-    clip, t5 = by_name["flux.text_encoder_clip"].config, by_name["flux.text_encoder_t5"].config
+    clip, t5 = by_name["flux.1.text_encoder_clip"].config, by_name["flux.1.text_encoder_t5"].config
     reference = flux_files.clip.config
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         assert getattr(clip, field) == getattr(reference, field), field

@@ -44,7 +44,7 @@ DetectFn = Callable[[HeaderView], Detection | Mismatch]
 class ModelSpec:
     """One buildable model.
 
-    name: unique, ``"<family>.<model>"`` (``"flux.dit"``).
+    name: unique, ``"<family>.<model>"`` (``"flux.1.dit"``).
     model_class: the ``nn.Module``; built as ``model_class(config)`` unless ``build`` is given.
     config_class: the config dataclass ``detect`` returns.
     detect: ``HeaderView -> Detection | Mismatch``; must read headers only.
@@ -65,7 +65,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
-            raise ValueError(f"ModelSpec name={self.name!r} must be a non-empty string such as 'flux.dit'")
+            raise ValueError(f"ModelSpec name={self.name!r} must be a non-empty string such as 'flux.1.dit'")
         if not self.formats:
             raise ValueError(f"ModelSpec {self.name!r}: formats must name at least one format")
         for fmt, recipe in self.formats.items():
@@ -76,7 +76,7 @@ class ModelSpec:
 
     @property
     def model(self) -> str:
-        """The model part of the name (``"dit"`` for ``"flux.dit"``)."""
+        """The model part of the name (``"dit"`` for ``"flux.1.dit"``)."""
         return self.name.split(".", 1)[-1]
 
     def recipe(self, fmt: str) -> Recipe | None:

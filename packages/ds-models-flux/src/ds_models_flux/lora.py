@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from ds_loader.families import LoraTarget, PartSizes
 
 __all__ = [
     "DIFFUSERS_LORA_TARGETS",
@@ -19,9 +20,6 @@ __all__ = [
     "diffusers_lora_target",
 ]
 
-PartSizes = Callable[[int, int], list[int]]  # (out_features, in_features) -> output rows of each part
-
-
 def _equal_thirds(out_features: int, _in_features: int) -> list[int]:
     return [out_features // 3] * 3
 
@@ -29,16 +27,6 @@ def _equal_thirds(out_features: int, _in_features: int) -> list[int]:
 def _single_linear1(out_features: int, in_features: int) -> list[int]:
     # linear1 computes q, k, v (hidden each; hidden = in_features) and the MLP input (the rest).
     return [in_features] * 3 + [out_features - 3 * in_features]
-
-
-@dataclass(frozen=True)
-class LoraTarget:
-    """A LoRA on a diffusers module applies to rows ``part`` of ``layer`` (all rows when ``part`` is None)."""
-
-    layer: str
-    part: int | None = None
-    part_sizes: PartSizes | None = None
-    swap_halves: bool = False
 
 
 _D = r"transformer_blocks\.(?P<i>\d+)\."

@@ -14,107 +14,94 @@ like an official repository), so it loads offline. A preset may point at local f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ds_loader import ModelConfig
+from ds_loader.families import Preset, PresetFile
 
 __all__ = ["COMPONENTS", "PRESETS", "FluxFile", "FluxPreset", "get_preset"]
 
 COMPONENTS = ("dit", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 DEV = "black-forest-labs/FLUX.1-dev"
 DEMO_DIGITS_FOLDER = Path(__file__).resolve().parent / "demo_digits"
+FluxFile = PresetFile  # the shared shape; the name stays for code written against it
 
 
-@dataclass(frozen=True)
-class FluxFile:
-    """Files of one component: a repository (the same id on ModelScope and Hugging Face unless
-    ``huggingface_id`` says otherwise) and a glob relative to it (a trailing ``/`` names a folder).
-
-    ``folder``: the files are local, ``pattern`` is relative to this folder and nothing is downloaded
-    (``model_id`` is then just a label, the folder's path).
-    """
-
-    model_id: str
-    pattern: str
-    huggingface_id: str | None = None
-    folder: Path | None = None
-
-    def model_config(self, download_source: str | None = None) -> ModelConfig:
-        """A ``ds_loader.ModelConfig`` for these files; ``download_source``: modelscope | huggingface | None (the
-        ``DIFFSYNTH_DOWNLOAD_SOURCE`` default). Local files give a ``path=`` config (missing files: a clear
-        ``FileNotFoundError`` naming them)."""
-        if self.folder is not None:
-            if self.pattern.endswith("/"):
-                return ModelConfig(path=self.folder / self.pattern.rstrip("/"))
-            paths = sorted(self.folder.glob(self.pattern))
-            return ModelConfig(path=paths or self.folder / self.pattern)
-        source = (download_source or "").strip().lower()
-        model_id = self.huggingface_id if source == "huggingface" and self.huggingface_id else self.model_id
-        return ModelConfig(model_id=model_id, origin_file_pattern=self.pattern, download_source=download_source)
-
-
-def _shared(model_id: str = DEV) -> dict[str, FluxFile]:
+def _shared(model_id: str = DEV) -> dict[str, PresetFile]:
     """The VAE, text encoders and tokenizers of a FLUX.1 repository."""
     return {
-        "vae": FluxFile(model_id, "ae.safetensors"),
-        "text_encoder": FluxFile(model_id, "text_encoder/model.safetensors"),
-        "text_encoder_2": FluxFile(model_id, "text_encoder_2/*.safetensors"),
-        "tokenizer": FluxFile(model_id, "tokenizer/"),
-        "tokenizer_2": FluxFile(model_id, "tokenizer_2/"),
+        "vae": PresetFile(model_id, "ae.safetensors"),
+        "text_encoder": PresetFile(model_id, "text_encoder/model.safetensors"),
+        "text_encoder_2": PresetFile(model_id, "text_encoder_2/*.safetensors"),
+        "tokenizer": PresetFile(model_id, "tokenizer/"),
+        "tokenizer_2": PresetFile(model_id, "tokenizer_2/"),
     }
 
 
 @dataclass(frozen=True)
-class FluxPreset:
+class FluxPreset(Preset):
     """A released FLUX.1 model (or the shipped demo).
 
     dit_config: the ``FluxDiTConfig`` preset its DiT has (None: not a named config; read it from the file).
-    t5_sequence_length: T5 tokens per prompt (512 for the dev family, 256 for schnell). guidance: the embedded
-    guidance scale it is usually run with (None: schnell has no guidance embedding). steps: typical number of
-    sampling steps. height, width, cfg_scale: the size and classifier-free guidance it is sampled with when
-    they differ from the pipeline's defaults (None: the pipeline's 1024 x 1024, no CFG).
+    t5_sequence_length: T5 tokens per prompt (512 for the dev family, 256 for schnell). ``sampling`` holds the
+    ``FluxImagePipeline`` call options it is usually run with: ``num_inference_steps``, ``embedded_guidance``
+    (absent for schnell, which has no guidance embedding), and ``height``/``width``/``cfg_scale`` where they
+    differ from the pipeline's 1024 x 1024 without CFG.
     """
 
-    name: str
-    dit_config: str | None
-    files: dict[str, FluxFile] = field(repr=False)
+    dit_config: str | None = None
     t5_sequence_length: int = 512
-    guidance: float | None = 3.5
-    steps: int = 30
-    height: int | None = None
-    width: int | None = None
-    cfg_scale: float | None = None
 
     def __post_init__(self) -> None:
         if set(self.files) != set(COMPONENTS):
             raise ValueError(f"preset {self.name!r}: files must name {COMPONENTS}, got {sorted(self.files)}")
 
     @property
-    def model_id(self) -> str:
-        """The repository this model is released in (that of its DiT)."""
-        return self.files["dit"].model_id
+    def steps(self) -> int:
+        return self.sampling.get("num_inference_steps", 30)
 
-    def model_config(self, component: str, download_source: str | None = None) -> ModelConfig:
-        """The ``ModelConfig`` of one component (one of ``COMPONENTS``)."""
-        if component not in self.files:
-            raise ValueError(f"preset {self.name!r} has no component {component!r}; choose one of {COMPONENTS}")
-        return self.files[component].model_config(download_source)
+    @property
+    def guidance(self) -> float | None:
+        return self.sampling.get("embedded_guidance")
 
-    def model_configs(self, download_source: str | None = None) -> dict[str, ModelConfig]:
-        """Every component's ``ModelConfig``, by component name."""
-        return {name: self.model_config(name, download_source) for name in COMPONENTS}
+    @property
+    def height(self) -> int | None:
+        return self.sampling.get("height")
+
+    @property
+    def width(self) -> int | None:
+        return self.sampling.get("width")
+
+    @property
+    def cfg_scale(self) -> float | None:
+        return self.sampling.get("cfg_scale")
 
 
-def _local_preset(name: str, folder: Path, dit_file: str, **kwargs) -> FluxPreset:
+def _sampling(guidance: float | None = 3.5, steps: int = 30, **options: object) -> dict[str, object]:
+    return {"num_inference_steps": steps, "embedded_guidance": guidance, **options}
+
+
+def _local_preset(name: str, folder: Path, dit_file: str, t5_sequence_length: int, **sampling) -> FluxPreset:
     """A preset whose files sit in a local folder laid out like an official FLUX.1 repository."""
     label = str(folder)
-    files = {name: FluxFile(label, file.pattern, folder=folder) for name, file in _shared(label).items()}
-    return FluxPreset(name, None, {"dit": FluxFile(label, dit_file, folder=folder), **files}, **kwargs)
+    files = {name: PresetFile(label, file.pattern, folder=folder) for name, file in _shared(label).items()}
+    files = {"dit": PresetFile(label, dit_file, folder=folder), **files}
+    sampling = {key: value for key, value in _sampling(**sampling).items() if value is not None}
+    return FluxPreset(name, files, sampling, t5_sequence_length=t5_sequence_length)
 
 
-def _preset(name: str, repo: str, dit_file: str, dit_config: str, shared_from: str = DEV, **kwargs) -> FluxPreset:
-    return FluxPreset(name, dit_config, {"dit": FluxFile(repo, dit_file), **_shared(shared_from)}, **kwargs)
+def _preset(
+    name: str,
+    repo: str,
+    dit_file: str,
+    dit_config: str,
+    shared_from: str = DEV,
+    t5_sequence_length: int = 512,
+    **sampling,
+) -> FluxPreset:
+    files = {"dit": PresetFile(repo, dit_file), **_shared(shared_from)}
+    sampling = {key: value for key, value in _sampling(**sampling).items() if value is not None}
+    return FluxPreset(name, files, sampling, dit_config=dit_config, t5_sequence_length=t5_sequence_length)
 
 
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -165,9 +152,10 @@ PRESETS: dict[str, FluxPreset] = {
 
 
 def get_preset(name: str) -> FluxPreset:
-    """A preset by name (case-insensitive): ``flux.1-dev``, ``flux.1-schnell``, ``flux.1-krea-dev``,
-    ``flux.1-kontext-dev``, ``flux.1-fill-dev``, ``demo-digits``."""
+    """A preset by name or released model id (case-insensitive): ``flux.1-dev``, ``flux.1-schnell``,
+    ``flux.1-krea-dev``, ``flux.1-kontext-dev``, ``flux.1-fill-dev``, ``demo-digits``."""
     key = name.strip().lower()
-    if key not in PRESETS:
+    by_id = {preset.model_id.lower(): preset for preset in PRESETS.values() if not preset.is_local}
+    if key not in PRESETS and key not in by_id:
         raise ValueError(f"unknown FLUX.1 preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[key]
+    return PRESETS.get(key) or by_id[key]

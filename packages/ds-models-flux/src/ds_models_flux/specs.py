@@ -280,8 +280,8 @@ def detect_t5(view: HeaderView) -> Detection | Mismatch:
 
 
 DIT_SPEC = ModelSpec(
-    name="flux.dit",
-    family="flux",
+    name="flux.1.dit",
+    family="flux.1",
     model_class=FluxDiT,
     config_class=FluxDiTConfig,
     detect=detect_dit,
@@ -289,16 +289,16 @@ DIT_SPEC = ModelSpec(
     never_fp8=FluxDiT.ds_vram_never_fp8,
 )
 VAE_SPEC = ModelSpec(
-    name="flux.vae",
-    family="flux",
+    name="flux.1.vae",
+    family="flux.1",
     model_class=FluxVAE,
     config_class=FluxVAEConfig,
     detect=detect_vae,
     formats={fmt: vae_recipe(fmt) for fmt in ("bfl", "bfl-fp8", "comfyui", "sd", "diffusers")},
 )
 CLIP_SPEC = ModelSpec(
-    name="flux.text_encoder_clip",
-    family="flux",
+    name="flux.1.text_encoder_clip",
+    family="flux.1",
     model_class=CLIPTextModel,
     config_class=CLIPTextConfig,
     detect=detect_clip,
@@ -306,8 +306,8 @@ CLIP_SPEC = ModelSpec(
     build=build_clip_text_model,
 )
 T5_SPEC = ModelSpec(
-    name="flux.text_encoder_t5",
-    family="flux",
+    name="flux.1.text_encoder_t5",
+    family="flux.1",
     model_class=T5EncoderModel,
     config_class=T5Config,
     detect=detect_t5,

@@ -14,9 +14,9 @@ of the 1000 training timesteps), ``fps``, the default size and frame count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ds_loader import ModelConfig
+from ds_loader.families import Preset, PresetFile
 
 __all__ = ["COMPONENTS", "PRESETS", "TOKENIZER_REPO", "WanFile", "WanPreset", "get_preset"]
 
@@ -25,48 +25,27 @@ TOKENIZER_REPO = "Wan-AI/Wan2.1-T2V-1.3B"
 DIT_FILES = "diffusion_pytorch_model*.safetensors"
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+WanFile = PresetFile  # the shared shape; the name stays for code written against it
 
 
 @dataclass(frozen=True)
-class WanFile:
-    """Files of one component: a repository id (the same on ModelScope and Hugging Face) and a glob relative to it
-    (a trailing ``/`` names a folder)."""
-
-    model_id: str
-    pattern: str
-
-    def model_config(self, download_source: str | None = None) -> ModelConfig:
-        """A ``ds_loader.ModelConfig`` for these files; ``download_source``: modelscope | huggingface | None (the
-        ``DIFFSYNTH_DOWNLOAD_SOURCE`` default)."""
-        return ModelConfig(model_id=self.model_id, origin_file_pattern=self.pattern, download_source=download_source)
-
-
-@dataclass(frozen=True)
-class WanPreset:
+class WanPreset(Preset):
     """A released Wan model.
 
     files: component name -> files; a subset of ``COMPONENTS``: ``dit`` for single-DiT models, ``dit_high_noise``
         and ``dit_low_noise`` for the A14B experts; ``image_encoder`` only for the 2.1 I2V and FLF2V models.
     model_type: t2v | i2v | flf2v | ti2v. dit_config: the ``WanDiTConfig`` preset of its DiT(s); vae_config: the
-        VAE config name ("wan2.1": z 16, 8x spatial; "wan2.2": z 48, 16x spatial).
+        VAE config name ("wan2.1": z 16, 8x spatial; "wan2.2": z 48, 16x spatial). fps: its native frame rate.
     boundary: A14B only: the high-noise expert runs while ``timestep >= boundary * 1000``.
-    cfg_scale: classifier-free guidance (A14B: of the low-noise expert); cfg_scale_high_noise: A14B's high-noise
-        expert's (None otherwise).
+    sampling: ``WanVideoPipeline`` call options: ``height``, ``width``, ``num_frames``, ``num_inference_steps``,
+        ``sigma_shift`` (the reference's ``sample_shift``), ``cfg_scale`` (A14B: of the low-noise expert) and
+        ``cfg_scale_high_noise`` (A14B's high-noise expert's).
     """
 
-    name: str
-    model_type: str
-    dit_config: str
-    vae_config: str
-    files: dict[str, WanFile] = field(repr=False)
-    height: int = 480
-    width: int = 832
-    num_frames: int = 81
+    model_type: str = "t2v"
+    dit_config: str = ""
+    vae_config: str = "wan2.1"
     fps: int = 16
-    steps: int = 50
-    sigma_shift: float = 5.0
-    cfg_scale: float = 5.0
-    cfg_scale_high_noise: float | None = None
     boundary: float | None = None
 
     def __post_init__(self) -> None:
@@ -79,25 +58,36 @@ class WanPreset:
             )
 
     @property
-    def model_id(self) -> str:
-        """The repository this model is released in (that of its DiT)."""
-        return self.files["dit" if "dit" in self.files else "dit_high_noise"].model_id
-
-    @property
     def components(self) -> tuple[str, ...]:
         return tuple(c for c in COMPONENTS if c in self.files)
 
-    def model_config(self, component: str, download_source: str | None = None) -> ModelConfig:
-        """The ``ModelConfig`` of one component (one of ``components``)."""
-        if component not in self.files:
-            raise ValueError(
-                f"preset {self.name!r} has no component {component!r}; it has {', '.join(self.components)}"
-            )
-        return self.files[component].model_config(download_source)
+    @property
+    def height(self) -> int:
+        return self.sampling["height"]
 
-    def model_configs(self, download_source: str | None = None) -> dict[str, ModelConfig]:
-        """Every component's ``ModelConfig``, by component name."""
-        return {name: self.model_config(name, download_source) for name in self.components}
+    @property
+    def width(self) -> int:
+        return self.sampling["width"]
+
+    @property
+    def num_frames(self) -> int:
+        return self.sampling["num_frames"]
+
+    @property
+    def steps(self) -> int:
+        return self.sampling["num_inference_steps"]
+
+    @property
+    def sigma_shift(self) -> float:
+        return self.sampling["sigma_shift"]
+
+    @property
+    def cfg_scale(self) -> float:
+        return self.sampling["cfg_scale"]
+
+    @property
+    def cfg_scale_high_noise(self) -> float | None:
+        return self.sampling.get("cfg_scale_high_noise")
 
 
 def _files(repo: str, experts: bool = False, clip: bool = False, vae: str = "Wan2.1_VAE.pth") -> dict[str, WanFile]:
@@ -113,13 +103,52 @@ def _files(repo: str, experts: bool = False, clip: bool = False, vae: str = "Wan
     return files
 
 
+def _preset(
+    name: str,
+    model_type: str,
+    dit_config: str,
+    vae_config: str,
+    files: dict[str, WanFile],
+    *,
+    fps: int = 16,
+    boundary: float | None = None,
+    height: int = 480,
+    width: int = 832,
+    num_frames: int = 81,
+    steps: int = 50,
+    sigma_shift: float = 5.0,
+    cfg_scale: float = 5.0,
+    cfg_scale_high_noise: float | None = None,
+) -> WanPreset:
+    sampling = {
+        "height": height,
+        "width": width,
+        "num_frames": num_frames,
+        "num_inference_steps": steps,
+        "sigma_shift": sigma_shift,
+        "cfg_scale": cfg_scale,
+    }
+    if cfg_scale_high_noise is not None:
+        sampling["cfg_scale_high_noise"] = cfg_scale_high_noise
+    return WanPreset(
+        name,
+        files,
+        sampling,
+        model_type=model_type,
+        dit_config=dit_config,
+        vae_config=vae_config,
+        fps=fps,
+        boundary=boundary,
+    )
+
+
 _720P = {"height": 720, "width": 1280}
 PRESETS: dict[str, WanPreset] = {
     preset.name: preset
     for preset in (
-        WanPreset("wan2.1-t2v-1.3b", "t2v", "wan2.1-t2v-1.3b", "wan2.1", _files("Wan-AI/Wan2.1-T2V-1.3B")),
-        WanPreset("wan2.1-t2v-14b", "t2v", "wan2.1-t2v-14b", "wan2.1", _files("Wan-AI/Wan2.1-T2V-14B"), **_720P),
-        WanPreset(
+        _preset("wan2.1-t2v-1.3b", "t2v", "wan2.1-t2v-1.3b", "wan2.1", _files("Wan-AI/Wan2.1-T2V-1.3B")),
+        _preset("wan2.1-t2v-14b", "t2v", "wan2.1-t2v-14b", "wan2.1", _files("Wan-AI/Wan2.1-T2V-14B"), **_720P),
+        _preset(
             "wan2.1-i2v-14b-480p",
             "i2v",
             "wan2.1-i2v-14b",
@@ -128,7 +157,7 @@ PRESETS: dict[str, WanPreset] = {
             steps=40,
             sigma_shift=3.0,
         ),
-        WanPreset(
+        _preset(
             "wan2.1-i2v-14b-720p",
             "i2v",
             "wan2.1-i2v-14b",
@@ -137,7 +166,7 @@ PRESETS: dict[str, WanPreset] = {
             steps=40,
             **_720P,
         ),
-        WanPreset(
+        _preset(
             "wan2.1-flf2v-14b-720p",
             "flf2v",
             "wan2.1-flf2v-14b",
@@ -147,7 +176,7 @@ PRESETS: dict[str, WanPreset] = {
             sigma_shift=16.0,
             **_720P,
         ),
-        WanPreset(
+        _preset(
             "wan2.2-t2v-a14b",
             "t2v",
             "wan2.2-t2v-a14b",
@@ -160,7 +189,7 @@ PRESETS: dict[str, WanPreset] = {
             boundary=0.875,
             **_720P,
         ),
-        WanPreset(
+        _preset(
             "wan2.2-i2v-a14b",
             "i2v",
             "wan2.2-i2v-a14b",
@@ -172,7 +201,7 @@ PRESETS: dict[str, WanPreset] = {
             boundary=0.9,
             **_720P,
         ),
-        WanPreset(
+        _preset(
             "wan2.2-ti2v-5b",
             "ti2v",
             "wan2.2-ti2v-5b",
@@ -192,6 +221,7 @@ def get_preset(name: str) -> WanPreset:
     ``wan2.1-i2v-14b-480p``, ``wan2.1-i2v-14b-720p``, ``wan2.1-flf2v-14b-720p``, ``wan2.2-t2v-a14b``,
     ``wan2.2-i2v-a14b``, ``wan2.2-ti2v-5b``."""
     key = name.strip().lower()
-    if key not in PRESETS:
+    by_id = {preset.model_id.lower(): preset for preset in PRESETS.values()}
+    if key not in PRESETS and key not in by_id:
         raise ValueError(f"unknown Wan preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[key]
+    return PRESETS.get(key) or by_id[key]

@@ -4,6 +4,15 @@
 # above ds-pipelines (ds-train, the apps) use ds-vram and ds-loader through these names, as DESIGN.md's import
 # rules ask.
 from ds_loader import inspect_checkpoint
+from ds_loader.families import (
+    FamilyDescriptor,
+    Preset,
+    get_family,
+    list_families,
+    register_family,
+    unregister_family,
+)
+from ds_loader.families import find_preset as find_family_preset
 from ds_loader.files import (
     FolderLock,
     FolderLockedError,
@@ -23,6 +32,7 @@ from .catalog import (
     VRAMSuggestion,
     download_model,
     estimate_memory,
+    family_for,
     get_model_entry,
     list_models,
     memory_need,
@@ -41,6 +51,7 @@ __all__ = [
     "FLOW_MATCH_TEMPLATES",
     "MEMORY_SETTINGS",
     "ComponentSize",
+    "FamilyDescriptor",
     "FlowMatchScheduler",
     "FlowMatchTemplate",
     "FlowUniPCScheduler",
@@ -53,6 +64,7 @@ __all__ = [
     "ModelEntry",
     "Pipeline",
     "PipelineStepError",
+    "Preset",
     "VRAMConfig",
     "VRAMSuggestion",
     "VideoFrames",
@@ -60,11 +72,15 @@ __all__ = [
     "atomic_file",
     "download_model",
     "estimate_memory",
+    "family_for",
+    "find_family_preset",
+    "get_family",
     "get_model_entry",
     "get_vram_handle",
     "image_to_tensor",
     "inspect_checkpoint",
     "inspect_lora",
+    "list_families",
     "list_models",
     "load_video",
     "lora_key_format",
@@ -75,6 +91,7 @@ __all__ = [
     "pipeline_step",
     "preset_defaults",
     "read_lora",
+    "register_family",
     "remove_leftovers",
     "save_image",
     "save_safetensors_atomic",
@@ -82,5 +99,6 @@ __all__ = [
     "shift_sigmas",
     "suggest_vram",
     "tensor_to_images",
+    "unregister_family",
     "write_bytes_atomic",
 ]

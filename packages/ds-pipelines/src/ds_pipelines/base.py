@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ds_loader.families import Preset
 from ds_vram import VRAMConfig, enable_vram_management, get_vram_handle
 
 from .lora import lora_layers, parse_lora, read_lora
 
-__all__ = ["Pipeline", "PipelineStepError", "named_sources", "pipeline_step"]
+__all__ = ["Pipeline", "PipelineStepError", "named_sources", "pipeline_step", "unwrap_model"]
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -78,6 +79,18 @@ def named_sources(
     return sources
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model under DDP/FSDP/peft wrappers (they keep it in ``.module`` or ``.base_model.model``), for reading its
+    config; calls still go through the wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "base_model") and hasattr(model.base_model, "model"):
+            model = model.base_model.model
+        else:
+            return model
+
+
 def pipeline_step(*models: str) -> Callable[[Method], Method]:
     """Declare a pipeline method as a step that uses ``models`` (component names)."""
 
@@ -101,9 +114,14 @@ class Pipeline:
     """
 
     component_names: ClassVar[tuple[str, ...]] = ()
+    required_components: ClassVar[tuple[str, ...]] = ()  # from_pretrained refuses to load without these
     lora_model: ClassVar[str] = "dit"  # the component LoRAs apply to
     # What an unset (None) __call__ option means; from_pretrained overlays a preset's own values per instance.
     default_options: ClassVar[Mapping[str, Any]] = {}
+    family: ClassVar[str] = ""  # the id of the family this pipeline runs (``ds_loader.families``)
+    preset_components: ClassVar[Mapping[str, str]] = {}  # a preset file component -> ours, where they differ
+    second_components: ClassVar[Mapping[str, str]] = {}  # model_configs lists: a second DiT is this component
+    folder_layout: ClassVar[str] = ""  # what a local model folder holds, for error messages
 
     def __init__(
         self,
@@ -125,12 +143,134 @@ class Pipeline:
         self.torch_dtype = torch_dtype
         self.progress_bar = progress_bar
         self.sampling_defaults: dict[str, Any] = dict(self.default_options)
+        self.preset: Preset | None = None
+        self.model_name: str | None = None
 
     def sampling_options(self, **given: Any) -> dict[str, Any]:
         """``given`` with each None replaced by ``sampling_defaults``' value, in the order given."""
         return {name: self.sampling_defaults[name] if value is None else value for name, value in given.items()}
 
     # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike | None = None,
+        *,
+        model_configs: Mapping[str, object] | Iterable[object] | None = None,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        vram: VRAMConfig | Mapping[str, VRAMConfig] | None = None,
+        download_source: str | None = None,
+        progress_bar: bool = True,
+    ) -> Pipeline:
+        """Load the pipeline from a preset name, a released model id, a local folder laid out like the release
+        (official or diffusers layout), and/or ``model_configs`` (``ds_loader.ModelConfig``s or paths that replace or
+        complete ``model``'s: a mapping by component, or a list named by detection).
+
+        vram: one ``VRAMConfig`` for every model, or one per component name; None keeps models on ``device``.
+        The preset is resolved once; its ``sampling`` options become this pipeline's call defaults.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        preset = cls.find_preset(model)
+        sources = {**cls.component_sources(model, preset, download_source), **cls.named_sources(model_configs)}
+        missing = [name for name in cls.required_components if name not in sources]
+        if missing:
+            raise ValueError(cls._missing_message(model, missing))
+        components = cls.load_components(sources, device=device, torch_dtype=torch_dtype, vram=vram)
+        options = cls.init_options(preset)
+        pipe = cls(components, device=device, torch_dtype=torch_dtype, progress_bar=progress_bar, **options)
+        pipe.preset = preset
+        pipe.model_name = str(model) if model is not None else None
+        if preset is not None:
+            pipe.sampling_defaults.update({k: v for k, v in preset.sampling.items() if v is not None})
+        pipe.configure(preset)
+        return pipe
+
+    @classmethod
+    def find_preset(cls, model: object) -> Preset | None:
+        """The preset ``model`` names (by name or released model id) in this pipeline's family, or None."""
+        from ds_loader.families import get_family
+
+        if not isinstance(model, str | os.PathLike) or Path(model).exists():
+            return None
+        return get_family(cls.family).get_preset(str(model))
+
+    @classmethod
+    def component_sources(cls, model: object, preset: Preset | None, download_source: str | None) -> dict[str, Any]:
+        """Where each component comes from: the preset's ModelConfigs, or the files of a local folder."""
+        if preset is not None:
+            configs = preset.model_configs(download_source)
+            return {cls.preset_components.get(name, name): config for name, config in configs.items()}
+        if model is None:
+            return {}
+        path = Path(model)
+        if not path.is_dir():
+            raise ValueError(
+                f"{path}: {cls.__name__} loads a preset, a model id or a model folder; for single files pass "
+                "model_configs={component: path}"
+            )
+        return cls.folder_sources(path)
+
+    @classmethod
+    def folder_sources(cls, folder: Path) -> dict[str, Any]:
+        """The components a local model folder holds (family-specific layout)."""
+        raise NotImplementedError(f"{cls.__name__} does not load model folders")
+
+    @classmethod
+    def tokenizer_name(cls, folder: Path) -> str | None:
+        """The tokenizer component a folder in a ``model_configs`` list is (None: not a tokenizer)."""
+        return None
+
+    @classmethod
+    def named_sources(cls, model_configs: Mapping[str, object] | Iterable[object] | None) -> dict[str, Any]:
+        """Component names for ``model_configs``: a mapping as given; a list by the family's detection specs."""
+        from ds_loader.families import get_family
+
+        family = get_family(cls.family)
+        return named_sources(
+            model_configs, family.component_specs, family.title, cls.tokenizer_name, second=cls.second_components
+        )
+
+    @classmethod
+    def load_components(
+        cls,
+        sources: Mapping[str, Any],
+        *,
+        device: torch.device,
+        torch_dtype: torch.dtype,
+        vram: VRAMConfig | Mapping[str, VRAMConfig] | None,
+    ) -> dict[str, Any]:
+        """Load the models and tokenizers of ``sources`` (family-specific)."""
+        raise NotImplementedError
+
+    @classmethod
+    def init_options(cls, preset: Preset | None) -> dict[str, Any]:
+        """Keyword arguments of ``__init__`` that come from the preset (Wan: its fps)."""
+        return {}
+
+    def configure(self, preset: Preset | None) -> None:
+        """Settings a preset gives the loaded pipeline beyond its call options (Wan: the expert boundary)."""
+
+    @classmethod
+    def _missing_message(cls, model: object, missing: list[str]) -> str:
+        where = "pass a preset, a model folder, or model_configs for them"
+        if model is not None and Path(model).is_dir():
+            folder = Path(model)
+            held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+            shown = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10 else "")
+            layout = f"; a {cls.family} model folder holds {cls.folder_layout}" if cls.folder_layout else ""
+            return (
+                f"{folder}: no files for {', '.join(missing)} in this folder (it holds: {shown or 'nothing'})"
+                f"{layout}; or pass model_configs for them"
+            )
+        return f"{cls.__name__}.from_pretrained: no source for {', '.join(missing)}; {where}"
+
+    @staticmethod
+    def predict(model: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, conditions: Mapping[str, Any]) -> Any:
+        """The family's one DiT call: the flow-matching velocity for ``latents`` at noise levels ``sigmas`` (B,) in
+        [0, 1] given ``conditions``; sampling and training both use it."""
+        raise NotImplementedError
+
     @classmethod
     def load_models(
         cls,
@@ -240,13 +380,31 @@ class Pipeline:
         noise = torch.randn(shape, generator=generator, device=rand_device, dtype=torch.float32)
         return noise.to(device=self.device, dtype=dtype or self.torch_dtype)
 
+    def check_finite(self, latents: torch.Tensor, index: int, total: int) -> None:
+        """Stop sampling when a step produced NaN or Inf, instead of decoding it into a black image."""
+        if bool(torch.isfinite(latents).all()):
+            return
+        dtype = str(self.torch_dtype).removeprefix("torch.")
+        model = self._components.get(self.lora_model)
+        loras = get_vram_handle(model) if isinstance(model, nn.Module) else None
+        names = list(loras.lora_names) if loras is not None else []
+        cause = f"a broken LoRA ({', '.join(names)})" if names else "a broken or mismatched checkpoint"
+        raise FloatingPointError(
+            f"sampling step {index + 1} of {total} produced non-finite latents (NaN or Inf); likely causes: a {dtype} "
+            f"overflow (try torch_dtype=torch.bfloat16 or float32), {cause}, or a non-finite option (cfg_scale, "
+            "LoRA scale); nothing was saved"
+        )
+
     def progress(self, iterable: Iterable, **kwargs: Any) -> Iterable:
         return tqdm(iterable, disable=not self.progress_bar, **kwargs)
 
     # ------------------------------------------------------------------ LoRA
     def lora_targets(self) -> Callable[[str], object] | None:
-        """The family's map from foreign (diffusers) module names to our layers; None when names already match."""
-        return None
+        """The family's map from foreign (diffusers) module names to our layers (its descriptor's LoRA naming);
+        None when the pipeline belongs to no registered family and names must already match."""
+        from ds_loader.families import get_family
+
+        return get_family(self.family).lora.from_diffusers if self.family else None
 
     def load_lora(
         self, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False, name: str | None = None

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -15,7 +14,7 @@ from PIL import Image
 from ds_models_core import grid_positions, patchify, unpatchify
 from ds_vram import VRAMConfig
 
-from .base import Pipeline, named_sources, pipeline_step
+from .base import Pipeline, pipeline_step
 from .media import image_to_tensor, tensor_to_images
 from .schedulers import FlowMatchScheduler
 
@@ -61,64 +60,84 @@ class FluxImagePipeline(Pipeline):
         "num_inference_steps": 30,
     }
 
-    def lora_targets(self) -> Callable[[str], object]:
-        from ds_models_flux.lora import diffusers_lora_target
+    # ------------------------------------------------------------------ loading (the base from_pretrained calls these)
+    family = "flux.1"
+    required_components = component_names
+    folder_layout = (
+        "the DiT (flux1-*.safetensors or transformer/), the VAE (ae.safetensors or vae/), text_encoder/, "
+        "text_encoder_2/, tokenizer/ and tokenizer_2/"
+    )
 
-        return diffusers_lora_target
-
-    # ------------------------------------------------------------------ steps
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str | os.PathLike | None = None,
-        *,
-        model_configs: Mapping[str, object] | Sequence[object] | None = None,
-        torch_dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str | None = None,
-        vram: VRAMConfig | Mapping[str, VRAMConfig] | None = None,
-        download_source: str | None = None,
-        progress_bar: bool = True,
-    ) -> FluxImagePipeline:
-        """Load a FLUX.1 pipeline.
+    def folder_sources(cls, folder: Path) -> dict[str, object]:
+        """BFL files at the root (``flux1-*.safetensors``, ``ae.safetensors``) or diffusers folders."""
+        sources: dict[str, object] = {}
+        bfl_dits = sorted(folder.glob("flux1-*.safetensors"))
+        if bfl_dits:
+            sources["dit"] = bfl_dits[0]
+        elif (folder / "transformer").is_dir():
+            sources["dit"] = folder / "transformer"
+        if (folder / "ae.safetensors").is_file():
+            sources["vae"] = folder / "ae.safetensors"
+        elif (folder / "vae").is_dir():
+            sources["vae"] = folder / "vae"
+        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            if (folder / name).is_dir():
+                sources[name] = folder / name
+        return sources
 
-        model: a preset name (``"flux.1-dev"``, see ``ds_models_flux.PRESETS``), a released model id
-            (``"black-forest-labs/FLUX.1-dev"``), or a local folder laid out like an official repository (BFL
-            files at its root, or diffusers folders ``transformer/`` and ``vae/``; ``text_encoder/``,
-            ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``).
-        model_configs: ``ds_loader.ModelConfig``s or paths that replace or complete ``model``'s: a mapping by
-            component (dit, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2), or a list whose model
-            files are recognised by detection and whose ``tokenizer/`` and ``tokenizer_2/`` folders by name.
-        vram: one ``VRAMConfig`` for every model, or one per component name; None keeps models on ``device``.
-        """
+    @classmethod
+    def tokenizer_name(cls, folder: Path) -> str | None:
+        return folder.name if folder.name in ("tokenizer", "tokenizer_2") else None
+
+    @classmethod
+    def load_components(
+        cls,
+        sources: Mapping[str, object],
+        *,
+        device: torch.device,
+        torch_dtype: torch.dtype,
+        vram: VRAMConfig | Mapping[str, VRAMConfig] | None,
+    ) -> dict[str, object]:
         from ds_models_flux import CLIP_SPEC, DIT_SPEC, T5_SPEC, VAE_SPEC, load_tokenizers
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        sources = {**_component_sources(model, download_source), **_named_sources(model_configs)}
         specs = {"dit": DIT_SPEC, "vae": VAE_SPEC, "text_encoder": CLIP_SPEC, "text_encoder_2": T5_SPEC}
         components: dict[str, object] = cls.load_models(
-            sources,
-            specs,
-            required=cls.component_names,
-            device=device,
-            torch_dtype=torch_dtype,
-            vram=vram,
+            sources, specs, required=cls.component_names, device=device, torch_dtype=torch_dtype, vram=vram
         )
         components["tokenizer"], components["tokenizer_2"] = load_tokenizers(
             _tokenizer_root(sources["tokenizer"], sources["tokenizer_2"])
         )
-        pipe = cls(components, device=device, torch_dtype=torch_dtype, progress_bar=progress_bar)
-        pipe.model_name = str(model) if model is not None else None
-        preset = _find_preset(model)
-        if preset is not None:
-            values = {
-                "cfg_scale": preset.cfg_scale,
-                "embedded_guidance": preset.guidance,
-                "height": preset.height,
-                "width": preset.width,
-                "num_inference_steps": preset.steps,
-            }
-            pipe.sampling_defaults.update({key: value for key, value in values.items() if value is not None})
-        return pipe
+        return components
+
+    # ------------------------------------------------------------------ the DiT call
+    @staticmethod
+    def predict(
+        model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, conditions: Mapping[str, object]
+    ) -> torch.Tensor:
+        """FLUX.1's velocity for unpacked latents (B, 16, H, W) at ``sigmas`` (B,), the one DiT call of sampling
+        and training. conditions: ``text`` (B, S, 4096) T5 states, ``pooled`` (B, 768) CLIP output, and optionally
+        ``guidance`` (B,) (guidance-distilled models), ``fill`` (B, C, H, W) Fill-dev channels joined to the
+        latents, ``reference_tokens``/``reference_ids`` (Kontext). Returns (B, 16, H, W)."""
+        batch, _, height, width = latents.shape
+        device = latents.device
+        fill = conditions.get("fill")
+        model_input = latents if fill is None else torch.cat([latents, fill.to(latents.dtype)], dim=1)
+        image_ids = grid_positions((1, height // 2, width // 2), device=device)[None].expand(batch, -1, -1)
+        text = conditions["text"]
+        text_ids = torch.zeros(batch, text.shape[1], 3, device=device)
+        velocity = model(
+            patchify(model_input),
+            image_ids,
+            text,
+            text_ids,
+            sigmas.to(device, latents.dtype),
+            conditions["pooled"],
+            conditions.get("guidance"),
+            ref_tokens=conditions.get("reference_tokens"),
+            ref_ids=conditions.get("reference_ids"),
+        )
+        return unpatchify(velocity, (height, width))
 
     def default_t5_sequence_length(self) -> int:
         """T5 tokens per prompt when none is asked for: 512 for guidance-distilled (dev-family) models, 256 for
@@ -163,37 +182,29 @@ class FluxImagePipeline(Pipeline):
         fill_condition: torch.Tensor | None,
     ) -> torch.Tensor:
         """Run the sampler from ``latents`` (B, 16, h, w) at ``scheduler.sigmas[0]`` down to sigma 0."""
-        batch, _, height, width = latents.shape
-        img_ids = grid_positions((1, height // 2, width // 2), device=self.device)[None].expand(batch, -1, -1)
+        batch = latents.shape[0]
         ref_tokens, ref_ids = self._reference_tokens(references, batch)
         guidance = None
         if self.dit.config.guidance_embed and embedded_guidance is not None:
             guidance = torch.full((batch,), embedded_guidance, device=self.device, dtype=self.torch_dtype)
-        tokens = patchify(latents)
-
-        def velocity(embedding: PromptEmbedding, timestep: torch.Tensor) -> torch.Tensor:
-            model_input = tokens if fill_condition is None else torch.cat([tokens, fill_condition], dim=-1)
-            text_ids = torch.zeros(batch, embedding.text.shape[1], 3, device=self.device)
-            return self.dit(
-                model_input,
-                img_ids,
-                embedding.text,
-                text_ids,
-                timestep,
-                embedding.pooled,
-                guidance,
-                ref_tokens=ref_tokens,
-                ref_ids=ref_ids,
-            )
-
-        for index, sigma in enumerate(self.progress(scheduler.timesteps, desc="denoising")):
-            timestep = torch.full((batch,), float(sigma), device=self.device, dtype=self.torch_dtype)
-            prediction = velocity(prompt, timestep)
-            if negative is not None:
-                unconditional = velocity(negative, timestep)
-                prediction = unconditional + cfg_scale * (prediction - unconditional)
-            tokens = scheduler.step(prediction, index, tokens)
-        return unpatchify(tokens, (height, width))
+        shared = {
+            "guidance": guidance,
+            "fill": fill_condition,
+            "reference_tokens": ref_tokens,
+            "reference_ids": ref_ids,
+        }
+        conditional = {"text": prompt.text, "pooled": prompt.pooled, **shared}
+        unconditional = None if negative is None else {"text": negative.text, "pooled": negative.pooled, **shared}
+        steps = scheduler.timesteps
+        for index, sigma in enumerate(self.progress(steps, desc="denoising")):
+            sigmas = torch.full((batch,), float(sigma), device=self.device, dtype=self.torch_dtype)
+            prediction = self.predict(self.dit, latents, sigmas, conditional)
+            if unconditional is not None:
+                baseline = self.predict(self.dit, latents, sigmas, unconditional)
+                prediction = baseline + cfg_scale * (prediction - baseline)
+            latents = scheduler.step(prediction, index, latents)
+            self.check_finite(latents, index, len(steps))
+        return latents
 
     @pipeline_step("vae")
     def decode(
@@ -235,8 +246,8 @@ class FluxImagePipeline(Pipeline):
         batch_size, _, pixel_height, pixel_width = mask_tensor.shape
         folded = mask_tensor.view(batch_size, 1, pixel_height // 8, 8, pixel_width // 8, 8)
         folded = folded.permute(0, 1, 3, 5, 2, 4).reshape(batch_size, 64, pixel_height // 8, pixel_width // 8)
-        condition = torch.cat([patchify(latents), patchify(folded.to(self.device, self.torch_dtype))], dim=-1)
-        return condition.expand(batch, -1, -1)
+        condition = torch.cat([latents, folded.to(self.device, self.torch_dtype)], dim=1)  # joined before patching
+        return condition.expand(batch, -1, -1, -1)
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
@@ -343,61 +354,6 @@ class FluxImagePipeline(Pipeline):
             }
         )
         return image
-
-
-def _find_preset(model: str | os.PathLike | Mapping | None) -> object | None:
-    """The FLUX.1 preset ``model`` names (by name or model id), or None for folders, files and mappings."""
-    if not isinstance(model, str) or Path(model).exists():
-        return None
-    from ds_models_flux import PRESETS
-
-    key = model.strip().lower()
-    return PRESETS.get(key) or next((p for p in PRESETS.values() if p.model_id.lower() == key), None)
-
-
-def _component_sources(model: str | os.PathLike | None, download_source: str | None) -> dict[str, object]:
-    """Where each component comes from: a preset's ModelConfigs, or the files of a local folder."""
-    if model is None:
-        return {}
-    from ds_models_flux import PRESETS, get_preset
-
-    folder = Path(model)
-    if folder.is_dir():
-        sources: dict[str, object] = {}
-        bfl_dits = sorted(folder.glob("flux1-*.safetensors"))
-        if bfl_dits:
-            sources["dit"] = bfl_dits[0]
-        elif (folder / "transformer").is_dir():
-            sources["dit"] = folder / "transformer"
-        if (folder / "ae.safetensors").is_file():
-            sources["vae"] = folder / "ae.safetensors"
-        elif (folder / "vae").is_dir():
-            sources["vae"] = folder / "vae"
-        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            if (folder / name).is_dir():
-                sources[name] = folder / name
-        return sources
-    by_id = {preset.model_id.lower(): preset for preset in PRESETS.values()}
-    preset = by_id.get(str(model).lower()) or get_preset(str(model))
-    return dict(preset.model_configs(download_source))
-
-
-_SPEC_COMPONENTS = {
-    "flux.dit": "dit",
-    "flux.vae": "vae",
-    "flux.text_encoder_clip": "text_encoder",
-    "flux.text_encoder_t5": "text_encoder_2",
-}
-
-
-def _named_sources(model_configs: Mapping[str, object] | Sequence[object] | None) -> dict[str, object]:
-    """Component names for a FLUX.1 pipeline's ``model_configs`` (a list is sorted out by detection)."""
-    return named_sources(
-        model_configs,
-        _SPEC_COMPONENTS,
-        "FLUX.1",
-        lambda folder: folder.name if folder.name in ("tokenizer", "tokenizer_2") else None,
-    )
 
 
 def _tokenizer_root(clip: object, t5: object) -> Path:

@@ -11,21 +11,23 @@ above ``boundary * 1000`` and the low-noise one (``dit2``) below.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from PIL import Image
 
+from ds_loader.families import Preset
 from ds_vram import VRAMConfig
 
-from .base import Pipeline, pipeline_step
+from .base import Pipeline, pipeline_step, unwrap_model
 from .media import VideoFrames, image_to_tensor, tensor_to_images
 from .schedulers import FlowMatchScheduler, FlowUniPCScheduler
-from .wan_sources import component_sources, find_preset, named_sources, source_folder, spec_for, wan_lora_target
+from .wan_sources import folder_sources, source_folder, spec_for
 
-__all__ = ["WanVideoPipeline", "check_video_size", "wan_lora_target"]
+__all__ = ["WanVideoPipeline", "check_video_size"]
 
 SAMPLERS = {"euler": FlowMatchScheduler, "unipc": FlowUniPCScheduler}
 DEFAULT_BOUNDARY, I2V_BOUNDARY = 0.875, 0.9
@@ -95,71 +97,86 @@ class WanVideoPipeline(Pipeline):
         self.model_name: str | None = None
         self.last_experts: list[str] = []  # the DiT that ran each step of the last call ("dit" / "dit2")
 
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str | os.PathLike | None = None,
-        *,
-        model_configs: Mapping[str, object] | Sequence[object] | None = None,
-        torch_dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str | None = None,
-        vram: VRAMConfig | Mapping[str, VRAMConfig] | None = None,
-        download_source: str | None = None,
-        progress_bar: bool = True,
-    ) -> WanVideoPipeline:
-        """Load a Wan pipeline.
+    # ------------------------------------------------------------------ loading (the base from_pretrained calls these)
+    family = "wan"
+    required_components = ("tokenizer", "text_encoder", "dit", "vae")
+    preset_components: ClassVar[Mapping[str, str]] = {"dit_high_noise": "dit", "dit_low_noise": "dit2"}
+    second_components: ClassVar[Mapping[str, str]] = {
+        "dit": "dit2"
+    }  # a second DiT in a model_configs list is the A14B low-noise expert
+    folder_layout = (
+        "the DiT (diffusion_pytorch_model*.safetensors, or high_noise_model/ + low_noise_model/), Wan2.1_VAE.pth or "
+        "Wan2.2_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth and google/umt5-xxl/ (or the diffusers folders "
+        "transformer/, vae/, text_encoder/, tokenizer/)"
+    )
 
-        model: a preset name (``"wan2.1-t2v-1.3b"``, see ``ds_models_wan.PRESETS``), a released model id
-            (``"Wan-AI/Wan2.1-T2V-1.3B"``), or a local folder laid out like a Wan-AI repository
-            (``diffusion_pytorch_model*.safetensors`` or ``high_noise_model/`` + ``low_noise_model/``,
-            ``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``,
-            ``models_clip_*.pth``) or like a diffusers one (``transformer/``, ``transformer_2/``, ``vae/``,
-            ``text_encoder/``, ``tokenizer/``, ``image_encoder/``).
-        model_configs: ``ds_loader.ModelConfig``s or paths that replace or complete ``model``'s: a mapping by
-            component (dit, dit2, vae, text_encoder, tokenizer, image_encoder), or a list whose model files are
-            recognised by detection (a second DiT is the low-noise expert) and whose tokenizer folder by name.
-        vram: one ``VRAMConfig`` for every model, or one per component name; None keeps models on ``device``.
-        """
+    @classmethod
+    def folder_sources(cls, folder: Path) -> dict[str, object]:
+        """A Wan-AI repository's files, or diffusers folders (``transformer/``, ``transformer_2/``, ...)."""
+        return folder_sources(folder)
+
+    @classmethod
+    def tokenizer_name(cls, folder: Path) -> str | None:
+        return "tokenizer" if (folder / "tokenizer_config.json").is_file() else None
+
+    @classmethod
+    def load_components(
+        cls,
+        sources: Mapping[str, object],
+        *,
+        device: torch.device,
+        torch_dtype: torch.dtype,
+        vram: VRAMConfig | Mapping[str, VRAMConfig] | None,
+    ) -> dict[str, object]:
         from ds_models_wan.text_encoder import load_wan_tokenizer
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        preset = find_preset(model)
-        sources = {**component_sources(model, preset, download_source), **named_sources(model_configs)}
         models = [name for name in ("text_encoder", "image_encoder", "dit", "dit2", "vae") if name in sources]
         components: dict[str, object] = cls.load_models(
             sources,
             {name: spec_for(name, sources[name]) for name in models},
-            required=("tokenizer", "text_encoder", "dit", "vae"),
+            required=cls.required_components,
             device=device,
             torch_dtype=torch_dtype,
             vram=vram,
         )
         components["tokenizer"] = load_wan_tokenizer(source_folder(sources["tokenizer"]))
-        pipe = cls(
-            components,
-            fps=getattr(preset, "fps", None),
-            device=device,
-            torch_dtype=torch_dtype,
-            progress_bar=progress_bar,
-        )
-        pipe.boundary = getattr(preset, "boundary", None)
-        if preset is not None:
-            pipe.sampling_defaults |= {
-                "cfg_scale": preset.cfg_scale,
-                "cfg_scale_high_noise": preset.cfg_scale_high_noise,
-                "height": preset.height,
-                "width": preset.width,
-                "num_frames": preset.num_frames,
-                "num_inference_steps": preset.steps,
-                "sigma_shift": preset.sigma_shift,
-            }
-        pipe.model_name = str(model) if model is not None else None
-        return pipe
+        return components
 
-    # ------------------------------------------------------------------ LoRA on either expert
-    def lora_targets(self) -> Callable[[str], object]:
-        return wan_lora_target
+    @classmethod
+    def init_options(cls, preset: Preset | None) -> dict[str, object]:
+        return {"fps": getattr(preset, "fps", None)}
+
+    def configure(self, preset: Preset | None) -> None:
+        self.boundary = getattr(preset, "boundary", None)
+
+    # ------------------------------------------------------------------ the DiT call
+    @staticmethod
+    def predict(
+        model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, conditions: Mapping[str, object]
+    ) -> torch.Tensor:
+        """Wan's velocity for latents (B, C, F, H, W) at ``sigmas`` (B,), the one DiT call of sampling and training.
+
+        conditions: ``context`` (B, L, 4096) umT5 states; optionally ``clip_feature`` (CLIP image tokens),
+        ``condition`` (image-to-video mask and frame latents) and ``first_frame`` (TI2V: the first latent frame,
+        given clean, its tokens at timestep 0). The model sees the official 0..1000 timestep scale.
+        """
+        # Scaled in float64 on the CPU, then rounded once: a solver's integer timesteps (UniPC) stay exact.
+        timesteps = (sigmas.detach().to("cpu", torch.float64) * 1000).to(latents.device, torch.float32)
+        first = conditions.get("first_frame")
+        if first is not None:
+            latents = torch.cat([first.to(latents.dtype), latents[:, :, 1:]], dim=2)
+            _, patch_h, patch_w = unwrap_model(model).config.patch_size
+            frames, height, width = latents.shape[2:]
+            per_token = timesteps[:, None, None, None].expand(-1, frames, height // patch_h, width // patch_w).clone()
+            per_token[:, 0] = 0
+            timesteps = per_token.flatten(1)
+        return model(
+            latents,
+            timesteps,
+            conditions["context"],
+            clip_feature=conditions.get("clip_feature"),
+            condition=conditions.get("condition"),
+        )
 
     def load_lora(
         self,
@@ -239,37 +256,25 @@ class WanVideoPipeline(Pipeline):
     def _sample(self, dit: torch.nn.Module, name: str, state: _Sampling, steps: Sequence[int]) -> torch.Tensor:
         scheduler = state.scheduler
         for index in self.progress(steps, desc=f"denoising ({name})"):
-            timestep = scheduler.model_timestep(index)
             scale = state.cfg_scale_high_noise if name == "dit" and self._components.get("dit2") else state.cfg_scale
-            velocity = self._guided_velocity(dit, state, timestep, scale)
+            sigmas = torch.tensor([scheduler.model_timestep(index) / 1000], dtype=torch.float64)
+            velocity = self._guided_velocity(dit, state, sigmas, scale)
             state.latents = scheduler.step(velocity, index, state.latents)
             if state.pinned is not None:
                 state.latents[:, :, :1] = state.pinned
+            self.check_finite(state.latents, index, len(scheduler.timesteps))
             if state.experts is not None:
                 state.experts.append(name)
         return state.latents
 
     def _guided_velocity(
-        self, dit: torch.nn.Module, state: _Sampling, timestep: float, cfg_scale: float
+        self, dit: torch.nn.Module, state: _Sampling, sigmas: torch.Tensor, cfg_scale: float
     ) -> torch.Tensor:
         latents = state.latents.to(self.device, self.torch_dtype)
-        if state.pinned is not None:  # TI2V: the pinned first frame's tokens are clean (timestep 0)
-            frames, height, width = latents.shape[2:]
-            _, patch_h, patch_w = dit.config.patch_size
-            per_token = torch.full((frames, height // patch_h, width // patch_w), timestep, device=self.device)
-            per_token[0] = 0
-            timesteps = per_token.flatten()[None]
-        else:
-            timesteps = torch.tensor([timestep], device=self.device)
-        timesteps = timesteps.to(torch.float32)
-
-        def velocity(context: torch.Tensor) -> torch.Tensor:
-            output = dit(latents, timesteps, context, clip_feature=state.clip_feature, condition=state.condition)
-            return output.float()
-
-        prediction = velocity(state.context)
+        conditions = {"clip_feature": state.clip_feature, "condition": state.condition, "first_frame": state.pinned}
+        prediction = self.predict(dit, latents, sigmas, {"context": state.context, **conditions}).float()
         if state.negative is not None and cfg_scale != 1.0:
-            unconditional = velocity(state.negative)
+            unconditional = self.predict(dit, latents, sigmas, {"context": state.negative, **conditions}).float()
             prediction = unconditional + cfg_scale * (prediction - unconditional)
         return prediction
 

@@ -1,0 +1,106 @@
+"""FLUX.1 as a plug-in family: the one descriptor the shared layers read (registered under ``ds.families``)."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ds_loader.families import FamilyDescriptor, LoraNaming, Preset, TokenLayout
+from ds_models_flux.dit import FluxDiT, FluxDiTConfig
+from ds_models_flux.lora import bfl_layer_from_flat, diffusers_lora_names, diffusers_lora_target
+from ds_models_flux.presets import PRESETS, FluxPreset
+from ds_models_flux.schedules import SCHEDULES
+from ds_models_flux.vae import FluxVAE, FluxVAEConfig
+
+__all__ = ["FAMILY", "build_components", "text_encoder_configs"]
+
+
+def text_encoder_configs() -> dict[str, object]:
+    """CLIP-L text model and T5-XXL encoder configs at the sizes every FLUX.1 release ships."""
+    from transformers import CLIPTextConfig, T5Config
+
+    clip = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    t5 = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return {"text_encoder": clip, "text_encoder_2": t5}
+
+
+def build_components(preset: Preset) -> dict[str, nn.Module]:
+    """The released DiT, VAE and both text encoders of ``preset``, built in the caller's device context."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    if not isinstance(preset, FluxPreset) or preset.dit_config is None:
+        raise ValueError(f"preset {preset.name!r} has no released FLUX.1 configuration; size it from its files")
+    configs = text_encoder_configs()
+    return {
+        "dit": FluxDiT(FluxDiTConfig.preset(preset.dit_config)),
+        "vae": FluxVAE(FluxVAEConfig.flux1()),
+        "text_encoder": CLIPTextModel(configs["text_encoder"]),
+        "text_encoder_2": T5EncoderModel(configs["text_encoder_2"]),
+    }
+
+
+def token_layout(preset: Preset) -> TokenLayout:
+    """8x VAE and 2x2 patches; the T5 prompt tokens join the image tokens in joint attention."""
+    return TokenLayout(1 / 256, text_tokens=getattr(preset, "t5_sequence_length", 512))
+
+
+FAMILY = FamilyDescriptor(
+    id="flux.1",
+    title="FLUX.1",
+    kind="image",
+    presets=PRESETS,
+    pipeline="ds_pipelines.flux_image:FluxImagePipeline",
+    training_adapter="ds_train.flux:FluxTrainingAdapter",
+    dit_specs=("flux.1.dit",),
+    component_specs={
+        "flux.1.dit": "dit",
+        "flux.1.vae": "vae",
+        "flux.1.text_encoder_clip": "text_encoder",
+        "flux.1.text_encoder_t5": "text_encoder_2",
+    },
+    diffusers_classes=(
+        "FluxPipeline",
+        "FluxImg2ImgPipeline",
+        "FluxInpaintPipeline",
+        "FluxKontextPipeline",
+        "FluxFillPipeline",
+        "FluxTransformer2DModel",
+    ),
+    build_components=build_components,
+    token_layout=token_layout,
+    lora=LoraNaming(
+        sign=re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|(?:single_)?transformer_blocks)[._]\d+(?:[._]|$)"),
+        to_diffusers=diffusers_lora_names,
+        from_diffusers=diffusers_lora_target,
+        from_flat=bfl_layer_from_flat,
+        metadata={
+            "ss_network_module": "networks.lora_flux",
+            "ss_base_model_version": "flux1",
+            "modelspec.architecture": "flux-1-dev/lora",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        },
+    ),
+    schedules=SCHEDULES,
+    default_size=(1024, 1024),
+    description="Black Forest Labs' 12B rectified-flow MMDiT: dev, schnell, Krea-dev, Kontext-dev, Fill-dev",
+)
