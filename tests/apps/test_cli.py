@@ -96,7 +96,7 @@ def test_usage_errors_exit_2_before_loading_anything(capsys, tmp_path):
         "--output " + str(tmp_path / "x.jpg") + ": images are written as PNG; use a .png name"
     )
     code, _, err = run_main(capsys, "generate", "--prompt", "x", "--count", "0")
-    assert code == 2 and "--count 0: must be at least 1" in err
+    assert code == 2 and "argument --count: must be an integer of at least 1, not 0" in err
     code, _, err = run_main(capsys, "generate", "--prompt", "x", "--strength", "0.5")
     assert code == 2 and "--strength needs --input-image" in err
     code, _, err = run_main(capsys, "generate", "--prompt", "x", "--frames", "33")
@@ -104,7 +104,7 @@ def test_usage_errors_exit_2_before_loading_anything(capsys, tmp_path):
     code, _, err = run_main(capsys, "generate", "--prompt", "x", "--input-image", tmp_path / "none.png")
     assert code == 1 and err.strip() == f"diffsynth: error: --input-image {tmp_path / 'none.png'}: no such file"
     code, _, err = run_main(capsys, "vram", "--model", "flux.1-dev", "--gpu-memory", "-1")
-    assert code == 2 and "--gpu-memory -1.0: must be a positive number of GiB" in err
+    assert code == 2 and "argument --gpu-memory: must be a number above 0, not -1" in err
     code, _, err = run_main(capsys, "nonsense")
     assert code == 2
 

@@ -4,16 +4,36 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 GIB = 1024**3
+# C0 controls, DEL, C1 controls (ESC and CSI start terminal escape sequences) and lone surrogates (bytes that were
+# not UTF-8, which a UTF-8 terminal stream cannot even encode).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 class UsageError(Exception):
     """A bad combination of arguments: exit code 2, like argparse's own errors."""
+
+
+def printable(text: object, keep: str = "") -> str:
+    """``text`` safe to print: control characters and undecodable bytes escaped (``\\x1b``, ``\\n``, ``\\udcff``)
+    so that text from a file (LoRA metadata, key names, prompts) cannot move the cursor, retitle or clear the
+    terminal. ``keep`` lists characters left as they are, such as ``"\\n"`` for text the CLI itself laid out."""
+
+    def escape(match: re.Match) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        code = ord(char)
+        return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+    return _UNPRINTABLE.sub(escape, str(text))
 
 
 def formatter() -> dict[str, object]:

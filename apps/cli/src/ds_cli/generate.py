@@ -7,6 +7,7 @@ import inspect
 import json
 from pathlib import Path
 
+from ds_cli import options as types
 from ds_cli.common import UsageError, formatter, free_paths
 
 EXAMPLES = """examples:
@@ -25,17 +26,6 @@ Every file carries its parameters (PNG text chunks "parameters" and "diffsynth";
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-def _lora(value: str) -> tuple[str, float]:
-    """``path[:scale]``; a path containing ':' (a Windows drive) without a scale keeps scale 1."""
-    path, _, scale = value.rpartition(":")
-    if not path or not scale:
-        return value, 1.0
-    try:
-        return path, float(scale)
-    except ValueError:
-        return value, 1.0
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate", help="generate images or videos from a prompt", epilog=EXAMPLES, **formatter()
@@ -43,31 +33,44 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", help="preset (flux.1-dev, wan2.1-t2v-1.3b), model id, local folder or file (default: demo-digits)"
     )
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--prompt", required=True, type=types.utf8_text)
+    parser.add_argument("--negative-prompt", default="", type=types.utf8_text)
     parser.add_argument("-o", "--output", type=Path, help="a .png (images) or .mp4 (videos); default output.png/.mp4")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files instead of numbering")
-    parser.add_argument("--count", type=int, default=1, help="how many to make, seeds counting up from --seed")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    parser.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--frames", type=int, help="video frames, 4k+1 (default: the model's)")
-    parser.add_argument("--fps", type=float, help="video frame rate (default: the model's native rate)")
-    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance (1: off; default: the model's)")
-    parser.add_argument("--guidance", type=float, help="FLUX.1 embedded guidance (dev: 3.5)")
-    parser.add_argument("--sigma-shift", type=float, help="flow-matching shift (default: the model's)")
+    parser.add_argument(
+        "--count", type=types.positive_int, default=1, help="how many to make, seeds counting up from --seed"
+    )
+    parser.add_argument("--seed", type=types.seed_int, default=0, help="in [0, 2**64-1] (default: 0)")
+    parser.add_argument("--steps", type=types.positive_int, help="sampling steps (default: the model's)")
+    parser.add_argument("--height", type=types.positive_int, help="pixels, a multiple of 16 (default: the model's)")
+    parser.add_argument("--width", type=types.positive_int, help="pixels, a multiple of 16 (default: the model's)")
+    parser.add_argument("--frames", type=types.positive_int, help="video frames, 4k+1 (default: the model's)")
+    parser.add_argument("--fps", type=types.positive_float, help="video frame rate (default: the model's native rate)")
+    parser.add_argument(
+        "--cfg-scale", type=types.finite_float, help="classifier-free guidance (1: off; default: the model's)"
+    )
+    parser.add_argument("--guidance", type=types.finite_float, help="FLUX.1 embedded guidance (dev: 3.5)")
+    parser.add_argument("--sigma-shift", type=types.positive_float, help="flow-matching shift (default: the model's)")
     parser.add_argument("--input-image", type=Path, help="start from this image (image-to-image, image-to-video)")
     parser.add_argument("--input-video", type=Path, help="start from this video (video-to-video)")
-    parser.add_argument("--strength", type=float, default=1.0, help="denoising strength with an input, in (0, 1]")
     parser.add_argument(
-        "--lora", action="append", type=_lora, default=[], metavar="PATH[:SCALE]", help="apply a LoRA (repeatable)"
+        "--strength", type=types.strength, default=1.0, help="denoising strength with an input, in (0, 1]"
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=types.lora_spec,
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA (repeatable)",
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
     parser.add_argument(
         "--dtype", choices=DTYPES, help="computation dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 is slow)"
     )
-    parser.add_argument("--vram-limit", type=float, help="GiB of weights kept on the GPU; the rest is streamed")
+    parser.add_argument(
+        "--vram-limit", type=types.non_negative_float, help="GiB of weights kept on the GPU; the rest is streamed"
+    )
     parser.add_argument("--fp8", action="store_true", help="store weights in FP8 (e4m3fn, per-channel scales)")
     parser.add_argument(
         "--storage",
@@ -101,16 +104,13 @@ def _check(args: argparse.Namespace, kind: str) -> Path:
     if output.suffix.lower() != suffix:
         what = "videos are written as mp4" if kind == "video" else "images are written as PNG"
         raise UsageError(f"--output {output}: {what}; use a {suffix} name")
-    for name in ("count", "steps", "height", "width", "frames"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} {value}: must be at least 1")
-    if not 0 < args.strength <= 1:
-        raise UsageError(f"--strength {args.strength}: must be in (0, 1]")
+    if args.seed + args.count - 1 > types.MAX_SEED:
+        raise UsageError(
+            f"--seed {args.seed} --count {args.count}: the last seed would be {args.seed + args.count - 1}, over "
+            f"{types.MAX_SEED} (2**64 - 1, the largest seed torch.Generator takes)"
+        )
     if args.strength != 1 and args.input_image is None and args.input_video is None:
         raise UsageError("--strength needs --input-image or --input-video to start from")
-    if args.fps is not None and args.fps <= 0:
-        raise UsageError(f"--fps {args.fps}: must be > 0")
     if kind == "image" and (args.frames is not None or args.fps is not None or args.input_video is not None):
         raise UsageError("--frames, --fps and --input-video are for video models; this model makes images")
     _check_files(args)
@@ -182,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or ds_pipelines.catalog.DEFAULT_MODEL
     class_name, kind = pipeline_for(model)
     output = _check(args, kind)
+    sizes = {"height": args.height, "width": args.width, "frames": args.frames}
+    entry = types.preset_entry(model, sizes)
+    types.check_size(entry, sizes)
+    types.check_size_fits(entry, sizes, args.device, tiled=args.tiled)
     pipeline_class = getattr(ds_pipelines, class_name, None)
     if pipeline_class is None:
         raise RuntimeError(f"{model} needs {class_name}, which this ds-pipelines does not have yet; update it")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from ds_cli.common import UsageError, formatter
+from ds_cli import options as types
+from ds_cli.common import UsageError, formatter, printable
 
 EXAMPLES = """examples:
   diffsynth lora inspect style.safetensors
@@ -38,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--family", choices=FAMILIES, help="model family of the LoRA (default: from its names)")
     merge = commands.add_parser("merge", help="combine LoRAs into one file", epilog=EXAMPLES, **formatter())
     merge.add_argument("paths", type=Path, nargs="+", metavar="PATH")
-    merge.add_argument("--weights", type=float, nargs="+", help="one scale per file (default: 1 each)")
+    merge.add_argument("--weights", type=types.finite_float, nargs="+", help="one scale per file (default: 1 each)")
     merge.add_argument("--to", choices=FORMATS, help="format of the result (default: that of the first file)")
     merge.add_argument("-o", "--output", type=Path, required=True)
     merge.add_argument("--overwrite", action="store_true")
@@ -71,7 +73,17 @@ def _check_output(output: Path, overwrite: bool) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     from ds_pipelines import inspect_lora
 
-    print(inspect_lora(args.path))
+    info = inspect_lora(args.path)
+    # Metadata, key names and the path are the file's text: escaped one by one, so that a newline or escape in
+    # them cannot forge lines or drive the terminal; the layout's own newlines stay.
+    info = dataclasses.replace(
+        info,
+        path=printable(info.path),
+        metadata={printable(key): printable(value) for key, value in info.metadata.items()},
+        targets={printable(target): count for target, count in info.targets.items()},
+        unknown_keys=tuple(printable(key) for key in info.unknown_keys),
+    )
+    print(printable(info, keep="\n"))
     return 0
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ds_cli.common import formatter, gib, table
+from ds_cli.common import formatter, gib, printable, table
 
 if TYPE_CHECKING:  # ds_pipelines is imported when a command runs, so that --help stays fast
     from ds_pipelines import MemoryNeed
@@ -88,7 +89,16 @@ def _inspect(args: argparse.Namespace) -> int:
 
     if not args.path.exists():
         raise FileNotFoundError(f"{args.path}: no such file or folder")
-    print(inspect_checkpoint(args.path))
+    report = inspect_checkpoint(args.path)
+    # Component names, file names and notes (which quote key names) come from the files: escaped one by one so
+    # that none can add a line or drive the terminal; the table's own newlines stay.
+    entries = tuple(
+        dataclasses.replace(
+            entry, component=entry.component and printable(entry.component), note=printable(entry.note)
+        )
+        for entry in report.entries
+    )
+    print(printable(dataclasses.replace(report, path=printable(report.path), entries=entries), keep="\n"))
     return 0
 
 

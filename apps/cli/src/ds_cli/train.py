@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ds_cli import options as types
 from ds_cli.common import UsageError, formatter
 from ds_train import TrainingConfig, train
 
@@ -35,16 +36,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, type=Path, help="folder of images (Wan: and videos) with .txt captions, or metadata"
     )
     parser.add_argument("--output", required=True, type=Path, help="run folder")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--gradient-accumulation", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: 1e-4 (lora), 1e-5 (full)")
+    parser.add_argument("--steps", type=types.positive_int, default=1000)
+    parser.add_argument("--batch-size", type=types.positive_int, default=1)
+    parser.add_argument("--gradient-accumulation", type=types.positive_int, default=1)
+    parser.add_argument(
+        "--learning-rate", type=types.positive_float, default=None, help="default: 1e-4 (lora), 1e-5 (full)"
+    )
     parser.add_argument("--lr-scheduler", choices=["constant", "linear", "cosine"], default="constant")
-    parser.add_argument("--lr-warmup-steps", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None, help="default: FLUX.1 1024, Wan 480")
-    parser.add_argument("--width", type=int, default=None, help="default: FLUX.1 1024, Wan 832")
-    parser.add_argument("--num-frames", type=int, default=None, help="Wan: frames per clip, 4k+1 (default 81)")
-    parser.add_argument("--frame-stride", type=int, default=1, help="Wan: take every n-th frame of a video")
+    parser.add_argument("--lr-warmup-steps", type=types.non_negative_int, default=0)
+    parser.add_argument("--height", type=types.positive_int, default=None, help="default: FLUX.1 1024, Wan 480")
+    parser.add_argument("--width", type=types.positive_int, default=None, help="default: FLUX.1 1024, Wan 832")
+    parser.add_argument(
+        "--num-frames", type=types.positive_int, default=None, help="Wan: frames per clip, 4k+1 (default 81)"
+    )
+    parser.add_argument(
+        "--frame-stride", type=types.positive_int, default=1, help="Wan: take every n-th frame of a video"
+    )
     parser.add_argument(
         "--expert", choices=["high_noise", "low_noise"], default=None, help="Wan2.2 A14B: which expert to train"
     )
@@ -53,21 +60,31 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Wan2.2-TI2V-5B: train its image-to-video mode (each clip's first frame given clean)",
     )
-    parser.add_argument("--sigma-shift", type=float, default=None, help="training sigma shift (default: family's)")
+    parser.add_argument(
+        "--sigma-shift", type=types.positive_float, default=None, help="training sigma shift (default: family's)"
+    )
     parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of a centre crop")
-    parser.add_argument("--repeats", type=int, default=1, help="times each image appears per epoch")
-    parser.add_argument("--caption-dropout", type=float, default=0.0, help="share of steps on the empty prompt")
+    parser.add_argument("--repeats", type=types.positive_int, default=1, help="times each image appears per epoch")
+    parser.add_argument(
+        "--caption-dropout", type=types.fraction, default=0.0, help="share of steps on the empty prompt, in [0, 1)"
+    )
     parser.add_argument("--skip-broken", action="store_true", help="drop broken dataset rows with a warning")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=types.train_seed_int, default=0, help="in [0, 2**32-1] (default: 0)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: accelerate's choice)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--offload-activations", action="store_true", help="checkpointed activations in CPU RAM")
     parser.add_argument("--cache", action="store_true", help="encode prompts and latents once to safetensors")
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    parser.add_argument(
+        "--checkpoint-every", type=types.non_negative_int, default=500, help="steps between checkpoints (0: none)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    parser.add_argument("--sample-every", type=int, default=0, help="steps between sample images (0: none)")
-    parser.add_argument("--sample-prompt", action="append", default=[], dest="sample_prompts", metavar="PROMPT")
+    parser.add_argument(
+        "--sample-every", type=types.non_negative_int, default=0, help="steps between sample images (0: none)"
+    )
+    parser.add_argument(
+        "--sample-prompt", action="append", default=[], dest="sample_prompts", metavar="PROMPT", type=types.utf8_text
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -82,14 +99,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     lora = modes.add_parser("lora", help="train a LoRA", epilog=EXAMPLES, **formatter())
     _common(lora)
-    lora.add_argument("--rank", type=int, default=16)
-    lora.add_argument("--alpha", type=float, default=None, help="default: the rank")
+    lora.add_argument("--rank", type=types.positive_int, default=16)
+    lora.add_argument("--alpha", type=types.positive_float, default=None, help="default: the rank")
     lora.add_argument("--targets", nargs="+", default=None, help="module name patterns (default: the family's)")
     lora.add_argument("--lora-format", choices=["comfyui", "kohya", "diffusers"], default="comfyui")
-    lora.add_argument("--trigger-word", action="append", default=[], dest="trigger_words", metavar="WORD")
+    lora.add_argument(
+        "--trigger-word", action="append", default=[], dest="trigger_words", metavar="WORD", type=types.utf8_text
+    )
     lora.add_argument("--fp8-frozen", action="store_true", help="frozen weights stored in FP8")
     lora.add_argument("--stream-frozen", action="store_true", help="frozen weights stream from CPU RAM (ds-vram)")
-    lora.add_argument("--vram-limit", type=float, default=None, help="GiB of frozen weights kept on the device")
+    lora.add_argument(
+        "--vram-limit", type=types.non_negative_float, default=None, help="GiB of frozen weights kept on the device"
+    )
     full = modes.add_parser("full", help="fine-tune whole components", epilog=EXAMPLES, **formatter())
     _common(full)
     full.add_argument("--trainable", nargs="+", default=["dit"], help="components to train (default: dit)")
@@ -99,6 +120,13 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     """The ``TrainingConfig`` the arguments describe; a bad value is a usage error naming its option."""
     if not args.data.exists():
         raise UsageError(f"--data {args.data}: no such folder or file")
+    sizes, spelling = (
+        {"height": args.height, "width": args.width, "frames": args.num_frames},
+        {"frames": "--num-frames"},
+    )
+    entry = types.preset_entry(args.model, sizes)
+    types.check_size(entry, sizes, spelling)
+    types.check_size_fits(entry, sizes, args.device, options=spelling)
     values = {name: getattr(args, name) for name in {f.name for f in fields(TrainingConfig)} if hasattr(args, name)}
     values["progress_bar"] = not args.no_progress
     if args.learning_rate is None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ds_cli.common import UsageError, formatter, gib, table
+from ds_cli import options as types
+from ds_cli.common import formatter, gib, table
 from ds_cli.models import ESTIMATED_FOOTNOTE, need_text
 
 EXAMPLES = """examples:
@@ -31,10 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "vram", help="suggest VRAM settings for a model on a GPU size", epilog=EXAMPLES, **formatter()
     )
     parser.add_argument("--model", required=True, help="a preset name or model id (see: diffsynth models list)")
-    parser.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="the GPU's memory in GiB")
-    parser.add_argument("--height", type=int, help="output height (default: the model's)")
-    parser.add_argument("--width", type=int, help="output width (default: the model's)")
-    parser.add_argument("--frames", type=int, help="video frames (default: the model's)")
+    parser.add_argument(
+        "--gpu-memory", type=types.positive_float, required=True, metavar="GIB", help="the GPU's memory in GiB"
+    )
+    parser.add_argument("--height", type=types.positive_int, help="output height (default: the model's)")
+    parser.add_argument("--width", type=types.positive_int, help="output width (default: the model's)")
+    parser.add_argument("--frames", type=types.positive_int, help="video frames (default: the model's)")
 
 
 def _flags(suggestion: object) -> str:
@@ -51,9 +54,8 @@ def _flags(suggestion: object) -> str:
 def run(args: argparse.Namespace) -> int:
     from ds_pipelines import MEMORY_SETTINGS, get_model_entry, memory_need, suggest_vram
 
-    if args.gpu_memory <= 0:
-        raise UsageError(f"--gpu-memory {args.gpu_memory}: must be a positive number of GiB")
     entry = get_model_entry(args.model)
+    types.check_size(entry, {"height": args.height, "width": args.width, "frames": args.frames})
     suggestion = suggest_vram(entry, args.gpu_memory, args.height, args.width, args.frames)
     kwargs = suggestion.vram_config_kwargs()
     config = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
