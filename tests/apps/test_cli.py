@@ -126,7 +126,7 @@ def test_errors_are_red_only_when_colour_is_allowed(capsys, monkeypatch):
 
 
 def test_models_list_inspect_download_and_vram(flux_files, capsys, tmp_path, monkeypatch):
-    code, out, err = run_main(capsys, "models", "list", "--family", "flux")
+    code, out, err = run_main(capsys, "models", "list", "--family", "flux.1")
     assert code == 0 and "~ estimated: no GPU measurement recorded yet" in err  # none shipped yet
     header, _, *rows = out.splitlines()
     assert header.split() == [
@@ -142,7 +142,7 @@ def test_models_list_inspect_download_and_vram(flux_files, capsys, tmp_path, mon
         "stream",
     ]
     dev = next(row.split() for row in rows if row.startswith("flux.1-dev "))
-    assert dev[:4] == ["flux.1-dev", "flux", "image", "16.87B"] and dev[5] == "GiB" and dev[6].startswith("~")
+    assert dev[:4] == ["flux.1-dev", "flux.1", "image", "16.87B"] and dev[5] == "GiB" and dev[6].startswith("~")
     code, out, _ = run_main(capsys, "models", "inspect", flux_files.bfl_repo / "flux1-dev.safetensors")
     assert code == 0 and all(word in out for word in ("flux", "dit", "bfl", "depth_single_blocks=2"))
     code, out, _ = run_main(capsys, "vram", "--model", "flux.1-dev", "--gpu-memory", "8")

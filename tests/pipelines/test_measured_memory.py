@@ -108,14 +108,14 @@ def test_suggestions_say_whether_their_numbers_were_measured(measured):
 
 
 def test_the_cli_marks_estimated_figures(measured, capsys):
-    assert diffsynth(["models", "list", "--family", "flux"]) == 0
+    assert diffsynth(["models", "list", "--family", "flux.1"]) == 0
     out, err = capsys.readouterr()
     dev = next(line.split() for line in out.splitlines() if line.startswith("flux.1-dev "))
     assert all(cell.startswith("~") for cell in dev[6::2])  # resident, offload, fp8, stream: "~12.3 GiB"
     assert "~ estimated: no GPU measurement recorded yet; run benchmarks/memory.py on a GPU" in err
 
     measured(*(record(setting=s, peak_bytes=(i + 20) * GIB) for i, s in enumerate(catalog.MEMORY_SETTINGS)))
-    assert diffsynth(["models", "list", "--family", "flux"]) == 0
+    assert diffsynth(["models", "list", "--family", "flux.1"]) == 0
     out, err = capsys.readouterr()
     dev = next(line.split() for line in out.splitlines() if line.startswith("flux.1-dev "))
     assert dev[6:] == ["20.0", "GiB", "21.0", "GiB", "22.0", "GiB", "23.0", "GiB"]

@@ -17,10 +17,9 @@ EXAMPLES = """examples:
 
 Formats: kohya (lora_unet_* names, lora_down/lora_up, alpha), comfyui (diffusion_model.* names),
 diffusers (transformer.* names, lora_A/lora_B). Written files carry alpha and ss_*/modelspec.* metadata.
-The model family (FLUX.1 or Wan) is told from the layer names; --family overrides that guess.
+The model family is told from the layer names; --family (a family id, see `diffsynth models list`) overrides it.
 """
 FORMATS = ("comfyui", "diffusers", "kohya")
-FAMILIES = ("flux.1", "wan")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,14 +36,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--to", required=True, choices=FORMATS)
     convert.add_argument("-o", "--output", type=Path, help="default: NAME-FORMAT.safetensors beside the input")
     convert.add_argument("--overwrite", action="store_true")
-    convert.add_argument("--family", choices=FAMILIES, help="model family of the LoRA (default: from its names)")
+    convert.add_argument("--family", type=types.family_id, help="model family of the LoRA (default: from its names)")
     merge = commands.add_parser("merge", help="combine LoRAs into one file", epilog=EXAMPLES, **formatter())
     merge.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     merge.add_argument("--weights", type=types.finite_float, nargs="+", help="one scale per file (default: 1 each)")
     merge.add_argument("--to", choices=FORMATS, help="format of the result (default: that of the first file)")
     merge.add_argument("-o", "--output", type=Path, required=True)
     merge.add_argument("--overwrite", action="store_true")
-    merge.add_argument("--family", choices=FAMILIES, help="model family of the LoRAs (default: from their names)")
+    merge.add_argument("--family", type=types.family_id, help="model family of the LoRAs (default: from their names)")
 
 
 def _function(name: str) -> Callable:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ds_cli import options as types
 from ds_cli.common import formatter, gib, printable, table
 
 if TYPE_CHECKING:  # ds_pipelines is imported when a command runs, so that --help stays fast
@@ -37,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     listing = commands.add_parser(
         "list", help="presets with sizes and the memory each VRAM setting needs", epilog=EXAMPLES, **formatter()
     )
-    listing.add_argument("--family", action="append", help="only this family (flux, wan; repeatable)")
+    listing.add_argument("--family", action="append", type=types.family_id, help="only this family's id (repeatable)")
     listing.add_argument("--height", type=int, help="size the estimates for this height (default: the model's)")
     listing.add_argument("--width", type=int, help="size the estimates for this width (default: the model's)")
     listing.add_argument("--frames", type=int, help="size video estimates for this many frames")
@@ -57,7 +58,7 @@ def _list(args: argparse.Namespace) -> int:
 
     entries = list_models(tuple(args.family) if args.family else None)
     if not entries:
-        raise RuntimeError("no models found: install a family package (ds-models-flux, ds-models-wan)")
+        raise RuntimeError("no models found: install a family package (ds-models-<family>)")
     rows = [("name", "family", "kind", "params", "bf16 weights", *MEMORY_SETTINGS)]
     estimated = False
     for entry in entries:

@@ -262,3 +262,13 @@ def _check_memory(entry: object, sizes: dict[str, int | None], device: str | Non
             f"{_size_text(sizes, options)}: {entry.name} needs about {need / GIB:.1f} GiB at this size even with its "
             f"weights streamed (estimated, see diffsynth vram --help), but {where}; its default size is {default}"
         )
+
+
+def family_id(value: str) -> str:
+    """An installed family's id (checked when given, so --help needs no family package)."""
+    from ds_pipelines import list_families
+
+    known = [family.id for family in list_families()]
+    if value.strip().lower() not in known:
+        raise argparse.ArgumentTypeError(f"unknown family {value!r}; installed: {', '.join(known) or 'none'}")
+    return value.strip().lower()

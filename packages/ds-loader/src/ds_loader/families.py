@@ -192,7 +192,8 @@ class FamilyDescriptor:
     with no released configuration (a local demo model, sized from its files instead).
     token_layout: ``preset -> TokenLayout``. schedules: sampling-schedule templates by name
     (``ds_models_core.FlowMatchTemplate``). lora: its ``LoraNaming``. default_size: (height, width) its models are
-    trained and sampled at when nothing else says.
+    trained and sampled at when nothing else says. build_tiny_components: as ``build_components`` at the family's
+    tiny test sizes (the same architecture and component names), for tests and CPU smoke runs of benchmarks.
     """
 
     id: str
@@ -210,6 +211,7 @@ class FamilyDescriptor:
     schedules: Mapping[str, Any] = field(default_factory=dict)
     default_size: tuple[int, int] = (1024, 1024)
     description: str = ""
+    build_tiny_components: Callable[[Preset], Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         where = f"family {self.id!r}"
