@@ -10,8 +10,9 @@ readers guess the family from the file's layer names when none is given (``guess
   writes Wan LoRAs).
 - ``diffusers``: ``transformer.<diffusers module>.lora_A.weight`` / ``lora_B.weight`` on the family's diffusers
   names; a fused layer (FLUX.1 q/k/v) becomes one entry per part, sharing ``lora_A``. diffusers/peft files carry
-  no alpha tensors, so ``alpha / r`` is folded into ``lora_B`` (every loader then applies the same delta); the
-  trained alpha is still recorded in the metadata.
+  no alpha tensors, so ``alpha / r`` is folded into ``lora_B``, and the ``lora_adapter_metadata`` diffusers reads
+  (peft's LoraConfig) says alpha = rank for every module: diffusers, peft and we apply the same delta. The
+  trained alpha is still recorded in the ``ss_*`` metadata.
 
 Metadata follows kohya's ``ss_*`` keys and the Stability ``modelspec.*`` keys (base model, rank, alpha, trigger
 words, steps, resolution), which LoRA browsers and ComfyUI managers show. Files are written atomically.
@@ -23,13 +24,23 @@ import datetime
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .lora import _PREFIXES, _SUFFIX, KOHYA_PREFIX, LoraPiece, lora_layers, parse_lora, read_lora
+from .lora import (
+    _PREFIXES,
+    _SUFFIX,
+    ADAPTER_METADATA_KEY,
+    KOHYA_PREFIX,
+    LoraPiece,
+    lora_layers,
+    parse_lora,
+    read_lora,
+)
 
 __all__ = [
     "FAMILIES",
@@ -247,13 +258,42 @@ def save_lora_file(
     if isinstance(known.get("trigger_words"), str):
         known["trigger_words"] = [w.strip() for w in known["trigger_words"].split(",")]
     header = lora_metadata(layers, family=family, extra=given, **known)
-    if format == "diffusers":
-        header["ds.alpha_folded_into_lora_B"] = "true"
+    # A source's adapter config (kept by convert) describes the source's tensors, not these.
+    header.pop(ADAPTER_METADATA_KEY, None)
     header["ds.format"] = format
     state = lora_state_dict(layers, format, family)
+    if format == "diffusers":
+        header["ds.alpha_folded_into_lora_B"] = "true"
+        header[ADAPTER_METADATA_KEY] = _diffusers_adapter_metadata(state)
     if dtype is not None:
         state = {k: v.to(dtype) if not k.endswith(".alpha") else v for k, v in state.items()}
     return save_safetensors_atomic(state, path, header, overwrite=overwrite, clean_leftovers=True)
+
+
+def _diffusers_adapter_metadata(state: Mapping[str, torch.Tensor], prefix: str = "transformer") -> str:
+    """diffusers' ``lora_adapter_metadata`` (peft's LoraConfig fields, prefixed) for a diffusers-format state
+    dict whose ``lora_B`` already holds ``alpha / rank``: every module's alpha is its rank (scale 1), so diffusers,
+    peft and ``read_lora`` all apply exactly ``lora_B @ lora_A``. Written as diffusers' ``get_peft_kwargs``
+    describes such files: the most common rank as ``r``, the others in ``rank_pattern`` and ``alpha_pattern``."""
+    suffix = ".lora_A.weight"
+    ranks = {
+        key[len(prefix) + 1 : -len(suffix)]: int(tensor.shape[0])
+        for key, tensor in state.items()
+        if key.startswith(f"{prefix}.") and key.endswith(suffix)
+    }
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    others = {module: value for module, value in sorted(ranks.items()) if value != rank}
+    config = {
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": others,
+        "alpha_pattern": dict(others),
+        "target_modules": sorted(ranks),
+        "use_dora": False,
+        "use_rslora": False,
+        "lora_bias": False,
+    }
+    return json.dumps({f"{prefix}.{field}": value for field, value in config.items()}, indent=2, sort_keys=True)
 
 
 def read_lora_layers(
