@@ -35,7 +35,13 @@ ALLOWED: dict[str, set[str]] = {
     "ds_cli": {"ds_pipelines", "ds_train"},
     "ds_notebook": {"ds_pipelines", "ds_train"},
 }
-REUSED_FAMILIES = {("ds_models_z_image", "ds_models_flux")}
+# A family may import another family's PUBLIC component that a release really reuses: (importer, reused family) ->
+# the reused family's modules it may import from. Never a private name, never a cycle, never a copy (DESIGN.md).
+REUSED_COMPONENTS: dict[tuple[str, str], set[str]] = {
+    ("ds_models_z_image", "ds_models_flux"): {"ds_models_flux", "ds_models_flux.vae"},
+    ("ds_models_qwen_image", "ds_models_wan"): {"ds_models_wan", "ds_models_wan.vae"},
+}
+REUSED_FAMILIES = set(REUSED_COMPONENTS)
 # Import names whose distribution is named differently.
 DISTRIBUTION_OF = {"PIL": "pillow", "huggingface_hub": "huggingface-hub", "yaml": "pyyaml", "cv2": "opencv-python"}
 
@@ -95,6 +101,43 @@ def test_imports_follow_the_layering(member):
     ours = {name for name in everywhere if name.startswith("ds_")}
     forbidden = {name for name in ours - ALLOWED[own] if (own, name) not in REUSED_FAMILIES}
     assert not forbidden, f"{own} may not import {sorted(forbidden)} (DESIGN.md, 'Who may import whom')"
+
+
+def imported_names(member: Path) -> list[tuple[Path, str, list[str]]]:
+    """Every ``import m`` / ``from m import a, b`` of a package: (file, module, names)."""
+    found = []
+    for path in (member / "src").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.extend((path, alias.name, []) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append((path, node.module, [alias.name for alias in node.names]))
+    return found
+
+
+FAMILY_MEMBERS = [member for member in MEMBERS if import_name(member) in FAMILIES]
+
+
+@pytest.mark.parametrize("member", FAMILY_MEMBERS, ids=lambda p: p.name)
+def test_a_family_reuses_another_only_through_declared_public_modules(member):
+    own = import_name(member)
+    for path, module, names in imported_names(member):
+        other = module.split(".")[0]
+        if other not in FAMILIES or other == own:
+            continue
+        where = f"{path.relative_to(ROOT)}: {own} imports {module}"
+        allowed = REUSED_COMPONENTS.get((own, other))
+        assert allowed is not None, f"{where}, which is not a declared reuse (REUSED_COMPONENTS)"
+        assert module in allowed, f"{where}; only {sorted(allowed)} are declared for this reuse"
+        private = [name for name in [*module.split("."), *names] if name.startswith("_")]
+        assert not private, f"{where}: private names {private} (reuse public components only)"
+        assert (other, own) not in REUSED_COMPONENTS, f"{own} and {other} reuse each other: a cycle"
+
+
+def test_the_reuse_table_has_no_cycles():
+    for importer, reused in REUSED_COMPONENTS:
+        assert (reused, importer) not in REUSED_COMPONENTS, f"{importer} <-> {reused}"
+        assert all(module.split(".")[0] == reused for module in REUSED_COMPONENTS[(importer, reused)])
 
 
 @pytest.mark.parametrize("member", MEMBERS, ids=lambda p: p.name)
