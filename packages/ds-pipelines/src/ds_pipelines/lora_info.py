@@ -1,7 +1,8 @@
 """What a LoRA file holds, from its header: key format, ranks, alphas, target modules and metadata.
 
-Reads safetensors headers only (shapes and ``__metadata__``); alphas, which are stored as tensors, are the one
-thing read from the data. Pickled files (``.pt``/``.bin``) go through ``torch.load(weights_only=True)``.
+Reads the file through ``read_lora``: shapes, ``__metadata__``, alphas (``.alpha`` tensors, or the peft config
+diffusers and peft store with the file), and every tensor checked for NaN and infinity. Pickled files
+(``.pt``/``.bin``) go only through ``ds_loader``'s ``load_pickle`` (``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ class LoraInfo:
     format: ``"kohya"`` (``lora_unet_a_b`` names with lora_down/up), ``"comfyui"`` (``diffusion_model.`` names
     with lora_down/up), ``"diffusers"`` (``transformer.`` names with lora_A/B), ``"peft"`` (``base_model.model.``),
     ``"diffsynth"`` (the model's own names with lora_A/B) or ``"unknown"``. ranks/alphas: counts of each value
-    over the adapted modules (alpha None: not stored, the loader uses alpha = rank). targets: the distinct module
-    names with block indices replaced by ``*``, with how many modules each covers. family: the model family the
-    layer names belong to (``"flux.1"``, ``"wan"``), None when they do not tell.
+    over the adapted modules, as the loader applies them (from ``.alpha`` tensors or the file's
+    ``lora_adapter_metadata``/``adapter_config.json``; None: not stored, the loader uses alpha = rank).
+    targets: the distinct module names with block indices replaced by ``*``, with how many modules each covers.
+    family: the model family the layer names belong to (``"flux.1"``, ``"wan"``), None when they do not tell.
     """
 
     path: str
