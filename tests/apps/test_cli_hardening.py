@@ -236,7 +236,7 @@ def test_seeds_in_the_range_torch_takes(flux_files, capsys, tmp_path):
     assert code == 2 and "argument --seed: " in err
     output = tmp_path / "top.png"
     model = ("--model", flux_files.bfl_repo, "--prompt", "x", "-o", output, *TINY)
-    code, out, err = run_main(capsys, "generate", *model, "--seed", str(top))
+    code, _, err = run_main(capsys, "generate", *model, "--seed", str(top))
     assert code == 0 and metadata(output)["seed"] == top, err
 
 
