@@ -31,6 +31,16 @@ from ds_loader.families import (
     register_family,
     unregister_family,
 )
+from ds_loader.files import (
+    FolderLock,
+    FolderLockedError,
+    PendingFile,
+    atomic_file,
+    numbered_path,
+    remove_leftovers,
+    save_safetensors_atomic,
+    write_bytes_atomic,
+)
 from ds_loader.inspect import CheckpointReport, ReportEntry, inspect_checkpoint
 from ds_loader.load import load_model, open_weights
 from ds_loader.recipes import (
@@ -57,6 +67,8 @@ __all__ = [
     "Detection",
     "DetectionError",
     "FamilyDescriptor",
+    "FolderLock",
+    "FolderLockedError",
     "HeaderView",
     "HubClient",
     "HuggingFaceHub",
@@ -68,6 +80,7 @@ __all__ = [
     "ModelConfig",
     "ModelScopeHub",
     "ModelSpec",
+    "PendingFile",
     "Preset",
     "PresetFile",
     "Recipe",
@@ -77,6 +90,7 @@ __all__ = [
     "StateDictMismatchError",
     "TokenLayout",
     "UnsafePathError",
+    "atomic_file",
     "detect",
     "drop",
     "find_preset",
@@ -85,17 +99,21 @@ __all__ = [
     "inspect_checkpoint",
     "list_families",
     "load_model",
+    "numbered_path",
     "open_checkpoints",
     "open_weights",
     "register_family",
     "register_spec",
     "registry",
+    "remove_leftovers",
     "rename",
     "reshape",
     "rule",
+    "save_safetensors_atomic",
     "split",
     "strip_prefix",
     "swap_halves",
     "unregister_family",
     "unregister_spec",
+    "write_bytes_atomic",
 ]
