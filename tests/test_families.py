@@ -3,8 +3,9 @@
 
 For each family: the descriptor is complete and its import strings resolve to a pipeline and a training adapter of
 that family; every released preset builds on ``meta`` at its released DiT size; LoRA names round-trip between our,
-diffusers and kohya forms; a tiny DiT saved in the official layout routes to the family's pipeline. A family added
-later is checked by this module as it is; it only needs its tiny DiT and its released sizes in the tables below.
+diffusers and kohya forms; each preset's tiny DiT (``build_tiny_components``) saved where its release keeps it routes
+to the family's pipeline. A family added later is checked by this module as it is; it only needs its released DiT
+sizes in the table below.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -22,26 +23,11 @@ from torch import nn
 
 from ds_loader import FamilyDescriptor, list_families
 from ds_loader.detect import registry as spec_registry
-from ds_loader.families import KINDS, LoraTarget, schedule_template
+from ds_loader.families import KINDS, LoraTarget, Preset, schedule_template
 
 FAMILIES = list_families()
 FAMILY_IDS = [family.id for family in FAMILIES]
 
-
-def _tiny_flux() -> nn.Module:
-    from ds_models_flux import FluxDiT, FluxDiTConfig
-
-    return FluxDiT(FluxDiTConfig.tiny())
-
-
-def _tiny_wan() -> nn.Module:
-    from ds_models_wan import WanDiT, WanDiTConfig
-
-    return WanDiT(WanDiTConfig.preset("tiny"))
-
-
-# A tiny DiT of each family's architecture, with random weights (the family packages' own `tiny` configs).
-TINY_DITS: dict[str, Callable[[], nn.Module]] = {"flux.1": _tiny_flux, "wan": _tiny_wan}
 
 # Released DiT parameter counts, per DiT file of a preset (the two A14B experts each), from the model cards and
 # the architectures' layer shapes (/work/shared/research/model-families.md: FLUX.1 ~11.9B; Wan 2.1 1.3B ~1.4B,
@@ -83,11 +69,14 @@ def family(request) -> FamilyDescriptor:
     return request.param
 
 
-@pytest.fixture
-def tiny_dit(family) -> nn.Module:
-    if family.id not in TINY_DITS:
-        pytest.fail(f"family {family.id!r}: add a builder of its tiny DiT to TINY_DITS in {Path(__file__).name}")
-    return TINY_DITS[family.id]().eval()
+def tiny_dits(family: FamilyDescriptor, preset: Preset) -> dict[str, nn.Module]:
+    """The preset's DiT(s) at the family's tiny test size (``build_tiny_components``), with random weights."""
+    if family.build_tiny_components is None:
+        pytest.fail(f"family {family.id!r}: set build_tiny_components so tests can build its models at tiny size")
+    components = dict(family.build_tiny_components(preset))
+    dits = {name: module.eval() for name, module in components.items() if name.startswith("dit")}
+    assert dits, f"{preset.name}: build_tiny_components gave no DiT"
+    return dits
 
 
 def test_families_are_registered():
@@ -168,6 +157,9 @@ def test_preset_builds_on_meta_at_its_released_size(family, preset):
     assert set(components) <= set(preset.files), f"{preset.name}: built {sorted(components)} of {sorted(preset.files)}"
     dits = {name: module for name, module in components.items() if name.startswith("dit")}
     assert dits, f"{preset.name}: build_components gave no DiT"
+    if family.build_tiny_components is not None:
+        tiny = family.build_tiny_components(preset)
+        assert set(tiny) == set(components), f"{preset.name}: tiny components {sorted(tiny)} differ from the released"
     assert all(p.is_meta for module in components.values() for p in module.parameters()), "built off meta"
     assert preset.name in RELEASED_DIT_PARAMETERS, (
         f"add {preset.name}'s released DiT parameter count to RELEASED_DIT_PARAMETERS in {Path(__file__).name}"
@@ -190,9 +182,12 @@ def _lora_layers(dit: nn.Module, family: FamilyDescriptor) -> dict[str, list[str
     return layers
 
 
-def test_lora_names_round_trip(family, tiny_dit):
+@pytest.mark.parametrize(("family", "preset"), _presets())
+def test_lora_names_round_trip(family, preset):
     naming = family.lora
-    layers = _lora_layers(tiny_dit, family)
+    layers = {}
+    for dit in tiny_dits(family, preset).values():
+        layers |= _lora_layers(dit, family)
     assert layers, f"{family.id}: lora.to_diffusers maps none of the tiny DiT's Linear layers"
     assert any(_BLOCK_LAYER.search(layer) for layer in layers), "no block layer maps to diffusers"
     for layer, diffusers_names in layers.items():
@@ -210,8 +205,14 @@ def test_lora_names_round_trip(family, tiny_dit):
         assert naming.metadata.get(key), f"{family.id}: lora.metadata lacks {key}"
 
 
-def test_lora_signs_do_not_claim_other_families_layers(family, tiny_dit):
-    ours = [layer for layer in _lora_layers(tiny_dit, family) if _BLOCK_LAYER.search(layer)]
+@pytest.mark.parametrize(("family", "preset"), _presets())
+def test_lora_signs_do_not_claim_other_families_layers(family, preset):
+    ours = [
+        layer
+        for dit in tiny_dits(family, preset).values()
+        for layer in _lora_layers(dit, family)
+        if _BLOCK_LAYER.search(layer)
+    ]
     for other in list_families():  # at call time: a family registered in code is checked as well
         if other.id == family.id:
             continue
@@ -220,28 +221,27 @@ def test_lora_signs_do_not_claim_other_families_layers(family, tiny_dit):
 
 
 # ---------------------------------------------------------------------------------------------- routing
-def _official_dit_file(family: FamilyDescriptor) -> str:
-    """The DiT's file name in the family's first released repository (a glob made concrete)."""
-    preset = min(family.presets.values(), key=lambda preset: preset.is_local)  # a release, else a local model
-    pattern = preset.files[next(name for name in preset.files if name.startswith("dit"))].pattern
-    return Path(pattern.replace("*", "")).name
-
-
-def test_a_tiny_saved_dit_routes_to_the_familys_pipeline(family, tiny_dit, tmp_path):
+@pytest.mark.parametrize(("family", "preset"), _presets())
+def test_a_tiny_saved_dit_routes_to_the_familys_pipeline(family, preset, tmp_path):
+    """Each DiT of the preset, saved where its release keeps it (its file pattern made concrete): the file and the
+    folder route to the family's pipeline."""
     from ds_pipelines import family_for, pipeline_for
 
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in tiny_dit.parameters():
-            parameter.normal_(0, 0.02)
     folder = tmp_path / "model"
-    folder.mkdir(parents=True)
-    file = folder / _official_dit_file(family)
-    save_file({name: tensor.contiguous() for name, tensor in tiny_dit.state_dict().items()}, str(file))
+    files = []
+    torch.manual_seed(0)
+    for name, dit in tiny_dits(family, preset).items():
+        with torch.no_grad():
+            for parameter in dit.parameters():
+                parameter.normal_(0, 0.02)
+        file = folder / preset.files[name].pattern.replace("*", "")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({key: tensor.contiguous() for key, tensor in dit.state_dict().items()}, str(file))
+        files.append(file)
     expected = (family.pipeline.rpartition(":")[2], family.kind)
-    for path in (file, folder, str(folder)):
+    for path in (*files, folder, str(folder)):
         assert pipeline_for(path) == expected, path
-        assert family_for(path).id == family.id
+        assert family_for(path).id == family.id, path
 
 
 def test_diffusers_folders_route_by_class_name(family, tmp_path):

@@ -323,6 +323,7 @@ def toy_descriptor(folder: Path) -> FamilyDescriptor:
         component_specs={"toy.dit": "dit"},
         diffusers_classes=("ToyPipeline", "ToyTransformer2DModel"),
         build_components=_build_components,
+        build_tiny_components=_build_components,  # the toy's released size is its tiny size
         token_layout=lambda preset: TokenLayout(1 / PATCH**2, text_tokens=TEXT_TOKENS),
         lora=LoraNaming(
             sign=re.compile(r"(?:^|[._])(?:layers|toy_blocks)[._]\d+[._](?:to_)?(?:" + "|".join(BLOCK_LAYERS) + ")"),
@@ -386,10 +387,10 @@ def test_the_toy_family_passes_the_family_contract(toy_family, tmp_path):
     contract.test_detection_specs_belong_to_the_family(toy_family)
     contract.test_pipeline_imports_and_is_the_familys(toy_family)
     contract.test_training_adapter_imports_and_is_the_familys(toy_family)
-    dit = ToyDiT(ToyDiTConfig())
-    contract.test_lora_names_round_trip(toy_family, dit)
-    contract.test_lora_signs_do_not_claim_other_families_layers(toy_family, dit)
-    contract.test_a_tiny_saved_dit_routes_to_the_familys_pipeline(toy_family, dit, tmp_path / "routing")
+    preset = toy_family.presets[PRESET]
+    contract.test_lora_names_round_trip(toy_family, preset)
+    contract.test_lora_signs_do_not_claim_other_families_layers(toy_family, preset)
+    contract.test_a_tiny_saved_dit_routes_to_the_familys_pipeline(toy_family, preset, tmp_path / "routing")
     contract.test_diffusers_folders_route_by_class_name(toy_family, tmp_path / "diffusers")
 
 
