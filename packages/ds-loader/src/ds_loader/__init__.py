@@ -5,7 +5,7 @@ through the ``ModelSpec``s family packages register under the ``ds.models`` entr
 (``Recipe``) and load them (``load_model``), or describe them (``inspect_checkpoint``).
 """
 
-from ds_loader.checkpoint import Checkpoint, HeaderView, open_checkpoints
+from ds_loader.checkpoint import Checkpoint, HeaderView, load_pickle, open_checkpoints
 from ds_loader.config import ModelConfig
 from ds_loader.detect import ENTRY_POINT_GROUP, Match, SpecRegistry, detect, register_spec, registry, unregister_spec
 from ds_loader.download import HubClient, HuggingFaceHub, ModelScopeHub
@@ -99,6 +99,7 @@ __all__ = [
     "inspect_checkpoint",
     "list_families",
     "load_model",
+    "load_pickle",
     "numbered_path",
     "open_checkpoints",
     "open_weights",
