@@ -177,18 +177,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import ds_pipelines
-    from ds_pipelines import pipeline_for, preset_defaults, save_image
+    from ds_pipelines import family_for, preset_defaults, save_image
 
     model = args.model or ds_pipelines.catalog.DEFAULT_MODEL
-    class_name, kind = pipeline_for(model)
+    family = family_for(model)
+    kind = family.kind
     output = _check(args, kind)
     sizes = {"height": args.height, "width": args.width, "frames": args.frames}
     entry = types.preset_entry(model, sizes)
     types.check_size(entry, sizes)
     types.check_size_fits(entry, sizes, args.device, tiled=args.tiled)
-    pipeline_class = getattr(ds_pipelines, class_name, None)
-    if pipeline_class is None:
-        raise RuntimeError(f"{model} needs {class_name}, which this ds-pipelines does not have yet; update it")
+    pipeline_class = family.pipeline_class()
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ds_loader.checkpoint import load_pickle
+from ds_loader.families import LoraTarget
 from ds_vram import SafetensorsSource
 from ds_vram.sources import all_finite
 
@@ -83,12 +84,7 @@ class LoraState(dict):
         self.adapter_configs = dict(adapter_configs or {})
 
 
-@dataclass(frozen=True)
-class _Whole:
-    layer: str
-    part: int | None = None
-    part_sizes: Callable[[int, int], list[int]] | None = None
-    swap_halves: bool = False
+_Whole = LoraTarget  # a target covering a whole layer
 
 
 def read_lora(path: str | os.PathLike) -> LoraState:

@@ -2,8 +2,10 @@
 
 A LoRA here is ``{layer: (down (r, in), up (out, r), alpha)}`` on a model's own layer names (for FLUX.1, BFL
 names such as ``double_blocks.0.img_attn.qkv``; for Wan, the official Wan-Video names such as
-``blocks.0.self_attn.q``); its weight delta is ``alpha / r * up @ down``. Families: ``"flux.1"`` and ``"wan"``;
-readers guess the family from the file's layer names when none is given (``guess_lora_family``).
+``blocks.0.self_attn.q``); its weight delta is ``alpha / r * up @ down``. Families are the registered ones
+(``ds_loader.families``): each descriptor's ``LoraNaming`` says how its names read in the diffusers and kohya
+conventions and what ``ss_*`` metadata its trainers write. Readers guess the family from the file's layer names when
+none is given (``guess_lora_family``).
 
 - ``comfyui``: ``diffusion_model.<layer>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``.
 - ``kohya``: the same tensors under flat names ``lora_unet_<layer with dots as underscores>`` (as musubi-tuner
@@ -23,13 +25,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ds_loader.families import LoraNaming, get_family, list_families
 
 from .lora import (
     _PREFIXES,
@@ -43,11 +46,11 @@ from .lora import (
 )
 
 __all__ = [
-    "FAMILIES",
     "FORMATS",
     "LoraWeights",
     "convert_lora_file",
     "guess_lora_family",
+    "lora_families",
     "lora_metadata",
     "merge_lora_files",
     "read_lora_layers",
@@ -57,19 +60,23 @@ __all__ = [
 FORMATS = ("comfyui", "kohya", "diffusers")
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # layer -> (down, up, alpha)
 
-FAMILIES = ("flux.1", "wan")
-# family -> (ss_network_module, ss_base_model_version, modelspec.architecture, modelspec.implementation), as the
-# field's trainers write them (kohya sd-scripts for FLUX.1, musubi-tuner for Wan).
-_FAMILY_METADATA = {
-    "flux.1": ("networks.lora_flux", "flux1", "flux-1-dev/lora", "https://github.com/black-forest-labs/flux"),
-    "wan": ("networks.lora_wan", "wan2.1", "wan2.1/lora", "https://github.com/Wan-Video/Wan2.1"),
-}
+
+def lora_families() -> tuple[str, ...]:
+    """The ids of the families whose LoRA files can be read and written (every registered family)."""
+    return tuple(family.id for family in list_families())
+
+
+def _naming(family: str) -> LoraNaming:
+    try:
+        return get_family(family).lora
+    except ValueError:
+        raise ValueError(f"LoRA family {family!r}; use one of {', '.join(lora_families())}") from None
 
 
 def lora_metadata(
     layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
     *,
-    family: str = "flux.1",
+    family: str | None = None,
     base_model: str = "",
     steps: int | str | None = None,
     trigger_words: Iterable[str] | str = (),
@@ -77,25 +84,24 @@ def lora_metadata(
     title: str = "",
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """``ss_*`` and ``modelspec.*`` metadata describing ``layers`` (rank and alpha taken from the tensors)."""
+    """``ss_*`` and ``modelspec.*`` metadata describing ``layers`` (rank and alpha taken from the tensors); the
+    network module, base model version and architecture are ``family``'s (generic values when None)."""
     ranks = sorted({int(down.shape[0]) for down, _, _ in layers.values()})
     alphas = sorted({float(alpha) for _, _, alpha in layers.values()})
     rank = str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks)
     alpha = _number(alphas[0]) if len(alphas) == 1 else json.dumps(alphas)
     words = [trigger_words] if isinstance(trigger_words, str) else [w for w in trigger_words if w]
-    module, version, architecture, implementation = _FAMILY_METADATA.get(
-        family, ("networks.lora", family, f"{family}/lora", "")
-    )
+    generic = {"ss_network_module": "networks.lora", "ss_base_model_version": family or ""}
+    generic["modelspec.architecture"] = f"{family}/lora" if family else ""
+    named = dict(_naming(family).metadata) if family is not None else {}
     metadata = {
-        "ss_network_module": module,
+        **generic,
+        **named,
         "ss_network_dim": rank,
         "ss_network_alpha": alpha,
-        "ss_base_model_version": version,
         "ss_sd_model_name": base_model,
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": implementation,
         "modelspec.title": title or "LoRA",
         "modelspec.date": datetime.date.today().isoformat(),
         "modelspec.trigger_phrase": ", ".join(words),
@@ -117,50 +123,12 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def _family_diffusers_names(family: str) -> tuple[Callable[[str], list[str] | None], Callable[[str], object]]:
-    """(our layer -> diffusers module names, diffusers module name -> target) of ``family``."""
-    if family == "wan":
-        from .wan_sources import wan_diffusers_lora_name, wan_lora_target
-
-        def names_of(layer: str) -> list[str] | None:
-            name = wan_diffusers_lora_name(layer)
-            return [name] if name else None
-
-        return names_of, wan_lora_target
-    if family == "flux.1":  # imported here: an installation may hold the Wan family only
-        from ds_models_flux.lora import diffusers_lora_names, diffusers_lora_target
-
-        return diffusers_lora_names, diffusers_lora_target
-    raise ValueError(f"LoRA family {family!r}; use one of {', '.join(FAMILIES)}")
-
-
-def _family_flat_names(family: str) -> Callable[[str], str | None]:
-    """kohya flat name (no ``lora_unet_``) -> our layer, for ``family``."""
-    if family == "wan":
-        from .wan_sources import wan_layer_from_flat
-
-        return wan_layer_from_flat
-    if family == "flux.1":
-        from ds_models_flux.lora import bfl_layer_from_flat
-
-        return bfl_layer_from_flat
-    raise ValueError(f"LoRA family {family!r}; use one of {', '.join(FAMILIES)}")
-
-
-# Block-level layer names that give a family away, in any key convention (official/BFL, diffusers, kohya flat).
-_FAMILY_SIGNS = {
-    "wan": re.compile(r"(?:^|\.|lora_unet_)blocks[._]\d+[._](?:self_attn|cross_attn|attn1|attn2|ffn)(?:[._]|$)"),
-    "flux.1": re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|(?:single_)?transformer_blocks)[._]\d+(?:[._]|$)"),
-}
-
-
 def guess_lora_family(source: str | os.PathLike | Mapping[str, object] | Iterable[str]) -> str:
-    """The model family (one of ``FAMILIES``) a LoRA is for, from its layer names alone.
+    """The id of the registered family a LoRA is for, from its layer names alone.
 
-    ``source`` is a LoRA file, a state dict or ``parse_lora`` pieces (a mapping), or key names. Wan is told by
-    ``blocks.N.self_attn``/``cross_attn``/``attn1``/``attn2``/``ffn``, FLUX.1 by ``double_blocks``,
-    ``single_blocks``, ``transformer_blocks`` or ``single_transformer_blocks``. Raises ValueError when the names
-    show neither or both (pass ``family=`` then).
+    ``source`` is a LoRA file, a state dict or ``parse_lora`` pieces (a mapping), or key names. Each family's
+    ``LoraNaming.sign`` recognises its block-level names in any convention. Raises ValueError when the names show
+    no family or several (pass ``family=`` then).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -173,12 +141,12 @@ def guess_lora_family(source: str | os.PathLike | Mapping[str, object] | Iterabl
     else:
         names = source
     modules = {_module_name(str(name)) for name in names}
-    found = [family for family, sign in _FAMILY_SIGNS.items() if any(sign.search(m) for m in modules)]
+    found = [family.id for family in list_families() if any(family.lora.recognises(m) for m in modules)]
     if len(found) != 1:
         sample = ", ".join(sorted(modules)[:3]) or "no keys"
-        what = "both " + " and ".join(found) if found else "no known family"
+        what = "several families: " + " and ".join(found) if found else "no known family"
         raise ValueError(
-            f"LoRA layer names show {what} (first: {sample}); pass family= (one of {', '.join(FAMILIES)})"
+            f"LoRA layer names show {what} (first: {sample}); pass family= (one of {', '.join(lora_families())})"
         )
     return found[0]
 
@@ -192,9 +160,10 @@ def _module_name(key: str) -> str:
 
 
 def lora_state_dict(
-    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], format: str, family: str = "flux.1"
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], format: str, family: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file in ``format`` (see the module docstring)."""
+    """The tensors of a LoRA file in ``format`` (see the module docstring); ``diffusers`` needs the ``family`` whose
+    module names to write (None: guessed from the layer names)."""
     if format not in FORMATS:
         raise ValueError(f"LoRA format {format!r}; use one of {', '.join(FORMATS)}")
     state: dict[str, torch.Tensor] = {}
@@ -205,7 +174,8 @@ def lora_state_dict(
             state[f"{name}.lora_up.weight"] = up.contiguous()
             state[f"{name}.alpha"] = torch.tensor(float(alpha))
         return state
-    names_of, target_of = _family_diffusers_names(family)
+    naming = _naming(family or guess_lora_family(layers))
+    names_of, target_of = naming.to_diffusers, naming.from_diffusers
     for layer, (down, up, alpha) in layers.items():
         names = names_of(layer)
         if not names:
@@ -232,7 +202,7 @@ def save_lora_file(
     path: str | os.PathLike,
     *,
     format: str = "comfyui",
-    family: str = "flux.1",
+    family: str | None = None,
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = True,
@@ -241,7 +211,9 @@ def save_lora_file(
 
     ``metadata`` values are strings; ``base_model``, ``steps``, ``trigger_words``, ``resolution`` and ``title``
     are expanded into the ``ss_*``/``modelspec.*`` keys, any other key is stored as given. ``dtype`` casts the
-    tensors (None: as given, typically float32). overwrite=False never replaces a file: a taken name (also one
+    tensors (None: as given, typically float32). ``family`` None: guessed from the layer names (needed for the
+    diffusers format and the family's ``ss_*`` values; a kohya/ComfyUI file of unrecognised layers is written with
+    generic metadata). overwrite=False never replaces a file: a taken name (also one
     taken by a run finishing at the same moment) gives ``name-1.safetensors``, ... The mode follows the umask.
     """
     from ds_loader.files import save_safetensors_atomic
@@ -257,6 +229,12 @@ def save_lora_file(
     }
     if isinstance(known.get("trigger_words"), str):
         known["trigger_words"] = [w.strip() for w in known["trigger_words"].split(",")]
+    if family is None:
+        try:
+            family = guess_lora_family(layers)
+        except ValueError:
+            if format == "diffusers":
+                raise
     header = lora_metadata(layers, family=family, extra=given, **known)
     # A source's adapter config (kept by convert) describes the source's tensors, not these.
     header.pop(ADAPTER_METADATA_KEY, None)
@@ -322,7 +300,7 @@ def _read_layers(path: str | os.PathLike, model: nn.Module | None, family: str |
             # A LoRA on a few non-block layers: the model's own layer names tell the family instead.
             family = guess_lora_family(name for name, _ in model.named_modules())
     if model is not None:
-        layers, unmatched = lora_layers(pieces, model, _family_diffusers_names(family)[1])
+        layers, unmatched = lora_layers(pieces, model, _naming(family).from_diffusers)
         if unmatched:
             raise ValueError(f"{path}: modules {unmatched[:3]} match no layer of {type(model).__name__}")
         return {name: (down, up, float(down.shape[0])) for name, (down, up) in layers.items()}, family
@@ -330,8 +308,8 @@ def _read_layers(path: str | os.PathLike, model: nn.Module | None, family: str |
 
 
 def _layers_by_name(pieces: Mapping[str, LoraPiece], family: str, path: object) -> LoraWeights:
-    layer_from_flat = _family_flat_names(family)
-    diffusers_lora_target = _family_diffusers_names(family)[1]
+    naming = _naming(family)
+    layer_from_flat, diffusers_lora_target = naming.from_flat, naming.from_diffusers
     layers: LoraWeights = {}
     fused: dict[str, list[tuple[object, LoraPiece]]] = {}
     for module, piece in pieces.items():

@@ -116,9 +116,6 @@ def _sized(family: FamilyDescriptor, preset: Preset) -> ModelEntry:
             modules = dict(family.build_components(preset))
     except ValueError:  # no released configuration (a demo shipped as files): size it from its headers
         return _entry(family, preset, _sizes_from_files(preset), 0)
-    except (ImportError, AttributeError, TypeError) as error:  # a family still being built: listed, unsized
-        logger.debug("cannot size %s preset %s: %s", family.id, preset.name, error)
-        return _entry(family, preset, (), 0)
     components = tuple(component_size(name, module) for name, module in modules.items())
     dit = next((module for name, module in modules.items() if name.startswith("dit")), None)
     return _entry(family, preset, components, _widest_linear(dit) if dit is not None else 0)
