@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -35,21 +36,56 @@ from vram import PeakSampler, memory_status  # the sampler of the ds-vram benchm
 
 ROWS = ("baseline", "checkpointing", "fp8", "streaming")
 
+# What this benchmark measures for each family (its own choice of sizes, not a description of the family): the
+# released preset whose DiT --full builds, the fields that shrink that DiT to a mid-size one for CPUs, the prompt
+# tokens fed to it (None: the adapter's usual length) and the VAE's pixels per latent pixel. A family without a row
+# is measured at its first released preset's DiT, with --full only.
+SHAPES: dict[str, dict] = {
+    "flux.1": {  # mid-size: the released architecture at a quarter of the width and depth (about 0.4 B parameters)
+        "preset": "flux.1-dev",
+        "mid_size": dict(hidden_size=1024, num_heads=8, depth=4, depth_single_blocks=8, axes_dim=(16, 56, 56)),
+        "text_tokens": 128,
+        "vae_factor": 8,
+    },
+    "wan": {  # mid-size: the 1.3B architecture at half its width and depth (about 0.2 B parameters)
+        "preset": "wan2.1-t2v-1.3b",
+        "mid_size": dict(dim=768, ffn_dim=4480, num_heads=6, num_layers=15),
+        "text_tokens": None,
+        "vae_factor": 8,
+    },
+}
 
-def dit_config(args: argparse.Namespace):
-    if args.family == "wan":
-        from ds_models_wan import WanDiTConfig
 
+def shape(args: argparse.Namespace) -> dict:
+    return SHAPES.get(args.family, {"preset": None, "mid_size": None, "text_tokens": None, "vae_factor": 8})
+
+
+def preset_name(args: argparse.Namespace) -> str:
+    """The released preset whose DiT this run builds (--full) or shrinks."""
+    from ds_pipelines import get_family
+
+    family = get_family(args.family)
+    if shape(args)["preset"] is not None:
+        return shape(args)["preset"]
+    for name, preset in family.presets.items():
+        with contextlib.suppress(ValueError), torch.device("meta"):  # local demo models have no released size
+            family.build_components(preset)
+            return name
+    raise SystemExit(f"family {args.family!r} has no released preset to size a DiT from")
+
+
+def build_meta_dit(args: argparse.Namespace) -> torch.nn.Module:
+    """The DiT on the meta device: the preset's (--full), or its mid-size variant."""
+    from ds_pipelines import get_family
+
+    family = get_family(args.family)
+    with torch.device("meta"):
+        dit = family.build_components(family.get_preset(preset_name(args)))["dit"]
         if args.full:
-            return WanDiTConfig.preset("wan2.1-t2v-1.3b")  # 1.42 B parameters
-        # The 1.3B architecture at half its width and depth (about 0.2 B parameters).
-        return WanDiTConfig(dim=768, ffn_dim=4480, num_heads=6, num_layers=15)
-    from ds_models_flux import FluxDiTConfig
-
-    if args.full:
-        return FluxDiTConfig()  # FLUX.1-dev: 12 B parameters
-    # The released architecture at a quarter of the width and depth (about 0.4 B parameters).
-    return FluxDiTConfig(hidden_size=1024, num_heads=8, depth=4, depth_single_blocks=8, axes_dim=(16, 56, 56))
+            return dit
+        if shape(args)["mid_size"] is None:
+            raise SystemExit(f"no mid-size {args.family} DiT in this benchmark's SHAPES; pass --full (on a GPU)")
+        return type(dit)(dataclasses.replace(dit.config, **shape(args)["mid_size"]))
 
 
 def build(args: argparse.Namespace, row: str, device: torch.device, dtype: torch.dtype):
@@ -58,12 +94,7 @@ def build(args: argparse.Namespace, row: str, device: torch.device, dtype: torch
     from ds_vram import VRAMConfig, enable_vram_management
 
     torch.manual_seed(0)
-    if args.family == "wan":
-        from ds_models_wan import WanDiT as model_class
-    else:
-        from ds_models_flux import FluxDiT as model_class
-    with torch.device("meta"):
-        model = model_class(dit_config(args))
+    model = build_meta_dit(args)
     model.to_empty(device="cpu" if row == "streaming" else device)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -88,22 +119,18 @@ def build(args: argparse.Namespace, row: str, device: torch.device, dtype: torch
     return model, adapter
 
 
-def step_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple:
-    generator = torch.Generator().manual_seed(1)
-    latent = args.size // 8
-    config = dit_config(args)
-    if args.family == "wan":
-        shape = (args.batch, config.in_dim, (args.frames - 1) // 4 + 1, latent, latent)
-        latents = torch.randn(shape, generator=generator).to(device, dtype)
-        context = torch.randn(args.batch, config.text_len, config.text_dim, generator=generator)
-        return latents, {"context": context.to(device, dtype)}
-    latents = torch.randn(args.batch, 16, latent, latent, generator=generator).to(device, dtype)
-    text_shape = (args.batch, args.text_tokens, config.context_in_dim)
-    conditions = {
-        "text": torch.randn(text_shape, generator=generator).to(device, dtype),
-        "pooled": torch.randn(args.batch, config.vec_in_dim, generator=generator).to(device, dtype),
-    }
-    return latents, conditions
+def latent_frames(args: argparse.Namespace, adapter) -> int | None:
+    return (args.frames - 1) // adapter.temporal_compression + 1 if adapter.default_num_frames else None
+
+
+def step_inputs(args: argparse.Namespace, model, adapter, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Random latents and conditions of the shapes the adapter's ``predict`` feeds the DiT."""
+    side = args.size // shape(args)["vae_factor"]
+    text_tokens = args.text_tokens or shape(args)["text_tokens"]
+    latents, conditions = adapter.random_inputs(
+        model, args.batch, (side, side), latent_frames(args, adapter), text_tokens, torch.Generator().manual_seed(1)
+    )
+    return latents.to(device, dtype), {key: value.to(device, dtype) for key, value in conditions.items()}
 
 
 def run_row(args: argparse.Namespace) -> dict:
@@ -113,7 +140,7 @@ def run_row(args: argparse.Namespace) -> dict:
     model, adapter = build(args, args.row, device, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    latents, conditions = step_inputs(args, device, dtype)
+    latents, conditions = step_inputs(args, model, adapter, device, dtype)
     sigmas = torch.full((args.batch,), 0.6, device=device)
 
     def step() -> float:
@@ -145,12 +172,14 @@ def run_row(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["flux.1", "wan"], default="flux.1")
-    parser.add_argument("--full", action="store_true", help="FLUX.1-dev / Wan2.1-T2V-1.3B sizes (needs a GPU)")
+    from ds_pipelines import get_family, list_families
+
+    parser.add_argument("--family", choices=[family.id for family in list_families()], default=next(iter(SHAPES)))
+    parser.add_argument("--full", action="store_true", help="the released preset's DiT (SHAPES; needs a GPU)")
     parser.add_argument("--size", type=int, default=512, help="image (frame) side in pixels")
-    parser.add_argument("--frames", type=int, default=17, help="Wan: frames per clip (4k+1)")
+    parser.add_argument("--frames", type=int, default=17, help="video families: frames per clip (1 + k * 4 for Wan)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--text-tokens", type=int, default=128)
+    parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: SHAPES')")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
@@ -161,7 +190,8 @@ def main() -> None:
     if args.row:
         print(json.dumps(run_row(args)))
         return
-    forwarded = ["--size", str(args.size), "--batch", str(args.batch), "--text-tokens", str(args.text_tokens)]
+    forwarded = ["--size", str(args.size), "--batch", str(args.batch)]
+    forwarded += ["--text-tokens", str(args.text_tokens)] if args.text_tokens else []
     forwarded += ["--family", args.family, "--frames", str(args.frames)]
     forwarded += ["--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
     forwarded += ["--full"] if args.full else []
@@ -171,8 +201,9 @@ def main() -> None:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
-    model = {"flux.1": "FLUX.1-dev", "wan": "Wan2.1-T2V-1.3B"}[args.family] if args.full else "mid-size"
-    clip = f"{args.frames} frames of " if args.family == "wan" else ""
+    model = preset_name(args) if args.full else "mid-size"
+    video = get_family(args.family).kind != "image"
+    clip = f"{args.frames} frames of " if video else ""
     print(
         f"{args.family} LoRA step, {model} DiT, {clip}{args.size}px, batch {args.batch}, "
         f"{args.dtype}, {machine}, torch {torch.__version__}"

@@ -39,7 +39,7 @@ args = parser.parse_args()
 result = train(
     TrainingConfig(
         model=args.model,
-        expert=args.expert,
+        family_options={"expert": args.expert},  # Wan2.2 A14B: which expert (None: a single-DiT model)
         data=args.data,
         output=args.output,
         mode="lora",

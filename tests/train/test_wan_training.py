@@ -18,11 +18,11 @@ from ds_train import (
     DatasetError,
     ImageDataset,
     TrainingConfig,
-    WanTrainingAdapter,
     family_of_model,
     load_cached,
     train,
 )
+from ds_train.wan import WanTrainingAdapter
 from tests.train.conftest import write_clips
 
 BASE = dict(
@@ -90,12 +90,14 @@ def test_video_dataset_clips_images_and_shapes(clips, tmp_path):
 def test_family_is_recognised_and_wan_settings_are_checked(wan_files, clips, tmp_path):
     assert family_of_model(wan_files.t2v) == "wan"
     assert family_of_model({"dit": wan_files.t2v / "transformer"}) == "wan"
-    with pytest.raises(ValueError, match=r"guidance and t5_sequence_length are FLUX\.1 settings"):
-        train(config(wan_files.t2v, clips, tmp_path / "run", guidance=3.5, steps=1))
-    with pytest.raises(ValueError, match=r"has two experts; set TrainingConfig\.expert"):
+    with pytest.raises(ValueError, match=r"'guidance' is not one Wan \('wan'\) takes; it takes: expert, boundary"):
+        train(config(wan_files.t2v, clips, tmp_path / "run", family_options={"guidance": 3.5}, steps=1))
+    with pytest.raises(ValueError, match=r"expert='middle' \(wan\) must be one of 'high_noise', 'low_noise'"):
+        train(config(wan_files.t2v, clips, tmp_path / "run", family_options={"expert": "middle"}, steps=1))
+    with pytest.raises(ValueError, match=r"has two experts; set family_options\['expert'\]"):
         train(config(wan_files.a14b, clips, tmp_path / "pair", steps=1))
     with pytest.raises(ValueError, match=r"needs a Wan2\.2 A14B pair"):
-        train(config(wan_files.t2v, clips, tmp_path / "one", expert="low_noise", steps=1))
+        train(config(wan_files.t2v, clips, tmp_path / "one", family_options={"expert": "low_noise"}, steps=1))
     with pytest.raises(ValueError, match="num_frames=6 must be of the form 1 \\+ k \\* 4"):
         train(config(wan_files.t2v, clips, tmp_path / "frames", num_frames=6, steps=1))
     with pytest.raises(ValueError, match="height=48 is not a multiple of 32"):  # the 2.2 VAE compresses 16x
@@ -197,7 +199,8 @@ def test_one_a14b_expert_trains_at_its_own_noise_levels(wan_files, clips, tmp_pa
     share_high = (everything >= 0.875).float().mean()
     assert abs(share_high - (1 - 0.875 / (5 - 4 * 0.875))) < 0.03
 
-    result = train(config(wan_files.a14b, clips, tmp_path / "low", expert="low_noise", steps=2, lora_rank=2))
+    low_expert = {"expert": "low_noise"}
+    result = train(config(wan_files.a14b, clips, tmp_path / "low", family_options=low_expert, steps=2, lora_rank=2))
     with safe_open(result.weights_path, "pt") as file:
         assert any(key.startswith("diffusion_model.blocks.") for key in file.keys())  # noqa: SIM118
     pipe.load_lora(result.weights_path, expert="low_noise")
@@ -232,7 +235,7 @@ def test_ti2v_first_frame_is_given_clean_at_timestep_zero_and_left_out_of_the_lo
     assert mask[0, 0, :, 0, 0].tolist() == [0, 1, 1]
 
     run = config(wan_files.ti2v, clips, tmp_path / "ti2v", steps=2, lora_rank=2, cache=True)
-    result = train(dataclasses.replace(run, first_frame_conditioning=True))
+    result = train(dataclasses.replace(run, family_options={"first_frame_conditioning": True}))
     assert all(torch.isfinite(torch.tensor(result.losses)))
     cached, cached_latents = load_cached(tmp_path / "ti2v" / "cache" / "000000.safetensors")
     torch.testing.assert_close(cached["first_frame"], cached_latents[:, :1], rtol=1e-4, atol=1e-4)
@@ -242,11 +245,12 @@ def test_ti2v_first_frame_is_given_clean_at_timestep_zero_and_left_out_of_the_lo
     whole = pipe.encode_video(clip, tiled=False)
     torch.testing.assert_close(pipe.encode_video(clip[:, :, :1], tiled=False), whole[:, :, :1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"first_frame_conditioning trains Wan2\.2-TI2V-5B"):
-        train(dataclasses.replace(run, output=tmp_path / "t2v", model=wan_files.t2v, first_frame_conditioning=True))
+        given = {"first_frame_conditioning": True}
+        train(dataclasses.replace(run, output=tmp_path / "t2v", model=wan_files.t2v, family_options=given))
 
 
 def test_streamed_checkpointed_training_of_an_expert_matches_plain_and_samples_a_video(wan_files, clips, tmp_path):
-    common = dict(expert="high_noise", steps=3, lora_rank=4, learning_rate=1e-2)
+    common = dict(family_options={"expert": "high_noise"}, steps=3, lora_rank=4, learning_rate=1e-2)
     plain = train(config(wan_files.a14b, clips, tmp_path / "plain", **common))
     streamed = train(
         config(

@@ -12,7 +12,6 @@ __all__ = ["TrainingConfig", "TrainingResult"]
 
 _MODES = ("lora", "full")
 _PRECISIONS = ("no", "bf16", "fp16")
-_FAMILIES = ("flux.1", "wan")
 
 
 @dataclass
@@ -20,17 +19,19 @@ class TrainingConfig:
     """Everything a run needs; the defaults train a FLUX.1 LoRA at 1024x1024.
 
     model: anything the family pipeline's ``from_pretrained`` accepts (preset, model id, local folder, or a
-        ``{component: path}`` mapping). family: ``"flux.1"`` or ``"wan"``; None recognises it from ``model``.
-        data: a folder of images (and, for Wan, videos) with same-name ``.txt`` captions, or a
-        ``metadata.csv/.json/.jsonl`` file.
+        ``{component: path}`` mapping). family: a registered family id (``"flux.1"``, ``"wan"``, ...; checked when
+        the run starts); None recognises it from ``model``'s DiT. data: a folder of images (and, for video
+        families, videos) with same-name ``.txt`` captions, or a ``metadata.csv/.json/.jsonl`` file.
     height/width: the training size; None takes the family's (FLUX.1 1024x1024, Wan 480x832). num_frames: frames
         per video clip (Wan; None: 81, the released models' length; images are one-frame clips). frame_stride:
-        take every n-th frame of a video. expert: which Wan2.2 A14B expert to train (``"high_noise"`` or
-        ``"low_noise"``), at the noise levels it samples on either side of ``boundary`` (None: the release's).
-        first_frame_conditioning: train Wan2.2-TI2V-5B's image-to-video mode (each clip's first frame given clean).
-        sigma_shift: the shift of the training sigmas (None: the family's: FLUX.1's resolution-dependent one,
-        Wan's 5). output: the run folder (checkpoints/, samples/, log.csv, loss.png and
-        the final weights: ``lora.safetensors`` or ``<component>.safetensors``).
+        take every n-th frame of a video. sigma_shift: the shift of the training sigmas (None: the family's:
+        FLUX.1's resolution-dependent one, Wan's 5). output: the run folder (checkpoints/, samples/, log.csv,
+        loss.png and the final weights: ``lora.safetensors`` or ``<component>.safetensors``).
+    family_options: settings of the family's training adapter, as its ``options`` declare them (an option another
+        family takes is an error naming the ones this family takes). FLUX.1: ``guidance`` (embedded guidance while
+        training, default 1.0), ``t5_sequence_length``. Wan: ``expert`` (which Wan2.2 A14B expert to train,
+        ``"high_noise"`` or ``"low_noise"``, at the noise levels it samples on either side of ``boundary``, None:
+        the release's), ``first_frame_conditioning`` (train Wan2.2-TI2V-5B's image-to-video mode).
     mode: ``"lora"`` trains peft adapters on the family's LoRA model (the DiT); ``"full"`` trains the
         components in ``trainable``. lora_targets: glob patterns over module names (``"double_blocks.*.img_attn.qkv"``)
         or plain suffixes (``"qkv"``); None takes the family's default.
@@ -83,12 +84,8 @@ class TrainingConfig:
     # family knobs
     timestep_sampling: str | None = None
     loss_weighting: str | None = None
-    guidance: float = 1.0  # FLUX.1-dev's embedded guidance during training
-    t5_sequence_length: int | None = None
     sigma_shift: float | None = None
-    expert: str | None = None  # Wan2.2 A14B: high_noise | low_noise
-    boundary: float | None = None
-    first_frame_conditioning: bool = False  # Wan2.2-TI2V-5B: train its image-to-video mode
+    family_options: dict[str, Any] = field(default_factory=dict)  # the family adapter's own settings
     # precision and memory
     seed: int = 0
     mixed_precision: str = "bf16"
@@ -123,6 +120,8 @@ class TrainingConfig:
             (self.trigger_words,) if isinstance(self.trigger_words, str) else tuple(self.trigger_words)
         )
         self.sample_at = tuple(self.sample_at)
+        if isinstance(self.family_options, Mapping):
+            self.family_options = dict(self.family_options)
         if self.lora_targets is not None:
             self.lora_targets = (
                 (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
@@ -158,15 +157,18 @@ class TrainingConfig:
         self._validate_family_settings()
 
     def _validate_family_settings(self) -> None:
-        """The video and family fields (Wan: frames, experts; both: the sigma shift)."""
+        """The video and family fields (frames, the family's options, the sigma shift)."""
         if self.num_frames is not None and (not isinstance(self.num_frames, int) or self.num_frames < 1):
             raise ValueError(f"TrainingConfig.num_frames={self.num_frames!r} must be an integer >= 1")
         if not isinstance(self.frame_stride, int) or self.frame_stride < 1:
             raise ValueError(f"TrainingConfig.frame_stride={self.frame_stride!r} must be an integer >= 1")
-        if self.family is not None and self.family not in _FAMILIES:
-            raise ValueError(f"TrainingConfig.family={self.family!r}; use one of {', '.join(_FAMILIES)} or None")
-        if self.expert not in (None, "high_noise", "low_noise"):
-            raise ValueError(f"TrainingConfig.expert={self.expert!r}; use 'high_noise', 'low_noise' or None")
+        if self.family is not None and (not isinstance(self.family, str) or not self.family):
+            raise ValueError(f"TrainingConfig.family={self.family!r}; use a family id such as 'flux.1', or None")
+        if not isinstance(self.family_options, Mapping) or not all(isinstance(k, str) for k in self.family_options):
+            raise ValueError(
+                f"TrainingConfig.family_options={self.family_options!r} must map option names to values, "
+                "e.g. {'expert': 'high_noise'}"
+            )
         if self.sigma_shift is not None and self.sigma_shift <= 0:
             raise ValueError(f"TrainingConfig.sigma_shift={self.sigma_shift!r} must be > 0")
 
