@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 from ds_cli import options as types
 from ds_cli.common import UsageError, formatter
-from ds_train import TrainingConfig, train
+from ds_pipelines import get_family, list_families
+from ds_train import TrainingConfig, declared_family_options, parse_option_value, train
 
 EXAMPLES = """examples:
   diffsynth train lora --model flux.1-dev --data ./photos --output runs/style --steps 1000 --rank 16
@@ -31,9 +33,12 @@ Under `accelerate launch` the same command trains on several GPUs (DDP/FSDP from
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="preset, model id or local folder (official or diffusers)")
-    parser.add_argument("--family", choices=["flux.1", "wan"], default=None, help="default: recognised from --model")
+    families = list_families()
     parser.add_argument(
-        "--data", required=True, type=Path, help="folder of images (Wan: and videos) with .txt captions, or metadata"
+        "--family", choices=[f.id for f in families], default=None, help="default: recognised from --model's DiT"
+    )
+    parser.add_argument(
+        "--data", required=True, type=Path, help="folder of images (and videos) with .txt captions, or metadata"
     )
     parser.add_argument("--output", required=True, type=Path, help="run folder")
     parser.add_argument("--steps", type=types.positive_int, default=1000)
@@ -44,21 +49,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr-scheduler", choices=["constant", "linear", "cosine"], default="constant")
     parser.add_argument("--lr-warmup-steps", type=types.non_negative_int, default=0)
-    parser.add_argument("--height", type=types.positive_int, default=None, help="default: FLUX.1 1024, Wan 480")
-    parser.add_argument("--width", type=types.positive_int, default=None, help="default: FLUX.1 1024, Wan 832")
     parser.add_argument(
-        "--num-frames", type=types.positive_int, default=None, help="Wan: frames per clip, 4k+1 (default 81)"
+        "--height", type=types.positive_int, default=None, help=f"default: the family's ({_sizes(families, 0)})"
     )
     parser.add_argument(
-        "--frame-stride", type=types.positive_int, default=1, help="Wan: take every n-th frame of a video"
+        "--width", type=types.positive_int, default=None, help=f"default: the family's ({_sizes(families, 1)})"
     )
     parser.add_argument(
-        "--expert", choices=["high_noise", "low_noise"], default=None, help="Wan2.2 A14B: which expert to train"
+        "--num-frames",
+        type=types.positive_int,
+        default=None,
+        help="video families: frames per clip (default: the family's)",
     )
     parser.add_argument(
-        "--first-frame-conditioning",
-        action="store_true",
-        help="Wan2.2-TI2V-5B: train its image-to-video mode (each clip's first frame given clean)",
+        "--frame-stride", type=types.positive_int, default=1, help="video families: take every n-th frame of a video"
     )
     parser.add_argument(
         "--sigma-shift", type=types.positive_float, default=None, help="training sigma shift (default: family's)"
@@ -86,6 +90,67 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--sample-prompt", action="append", default=[], dest="sample_prompts", metavar="PROMPT", type=types.utf8_text
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _family_flags(parser)
+
+
+def _sizes(families: list, axis: int) -> str:
+    return ", ".join(f"{family.title} {family.default_size[axis]}" for family in families)
+
+
+def _family_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for each option an installed family's training adapter declares (``--expert``, ``--guidance``),
+    and ``--family-option KEY=VALUE`` for any of them; the values become ``TrainingConfig.family_options``."""
+    group = parser.add_argument_group("family options", "settings of the training adapter of the families named")
+    for option in declared_family_options().values():
+        titles = ", ".join(get_family(family).title for family in option.families)
+        settings: dict[str, object] = {"default": argparse.SUPPRESS, "help": f"{option.help} [{titles}]"}
+        if option.type is bool:
+            settings["action"] = "store_true"
+        elif option.choices is not None:
+            settings["choices"] = option.choices
+        else:
+            settings["type"] = _option_type(option.type)
+            settings["metavar"] = option.type.__name__.upper()
+        group.add_argument("--" + option.name.replace("_", "-"), dest=_FLAG_DEST + option.name, **settings)
+    group.add_argument(
+        "--family-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any family option by name, e.g. expert=high_noise (repeatable)",
+    )
+
+
+_FLAG_DEST = "family_flag:"  # not a TrainingConfig field, so config_from_args collects these apart
+
+
+def _option_type(kind: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            return parse_option_value(kind, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _family_options(args: argparse.Namespace) -> dict[str, object]:
+    """The family options given as flags and as ``--family-option KEY=VALUE``."""
+    given = {key.removeprefix(_FLAG_DEST): value for key, value in vars(args).items() if key.startswith(_FLAG_DEST)}
+    declared = declared_family_options()
+    for pair in args.family_option:
+        key, equals, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals or key not in declared:
+            known = ", ".join(declared) or "none"
+            raise UsageError(f"--family-option {pair}: give KEY=VALUE with a KEY an installed family takes: {known}")
+        if key in given:
+            raise UsageError(f"--family-option {pair}: {key} is given twice")
+        try:
+            given[key] = parse_option_value(declared[key].type, text)
+        except ValueError as error:
+            raise UsageError(f"--family-option {key}: {error}") from None
+    return given
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -129,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     types.check_size_fits(entry, sizes, args.device, options=spelling)
     values = {name: getattr(args, name) for name in {f.name for f in fields(TrainingConfig)} if hasattr(args, name)}
     values["progress_bar"] = not args.no_progress
+    values["family_options"] = _family_options(args)
     if args.learning_rate is None:
         values["learning_rate"] = 1e-4 if args.mode == "lora" else 1e-5
     if args.mode == "lora":

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ds_pipelines.base import unwrap_model
+
 from .cache import build_cache, encode_sample, load_cached
 from .checkpoint import (
     finish_checkpoint,
@@ -40,7 +42,7 @@ from .checkpoint import (
 )
 from .config import TrainingConfig, TrainingResult
 from .data import ImageDataset, collate
-from .family import TrainingAdapter, _unwrap, adapter_for
+from .family import TrainingAdapter, adapter_for
 from .logs import RunLog, draw_loss_curve
 from .lora import add_lora, load_lora_state, lora_state, resolve_targets
 from .memory import estimate_training_memory
@@ -251,7 +253,7 @@ class _Run:
         if not (self.config.print_memory_estimate and self.main):
             return
         model, config = self.model, self.config
-        model_config = getattr(_unwrap(model), "config", None)
+        model_config = getattr(unwrap_model(model), "config", None)
         hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "dim", 0) or 0
         tokens = self.adapter.estimated_tokens(self.pipe, self.height, self.width, self.num_frames)
         estimate = estimate_training_memory(
@@ -479,7 +481,7 @@ class _Run:
                     {name: (down, up, alpha) for name, (down, up, alpha) in layers.items()},
                     weights_path,
                     format=config.lora_format,
-                    family=self.adapter.name,
+                    family=self.adapter.family,
                     metadata=self._lora_metadata(step),
                 )
         else:
