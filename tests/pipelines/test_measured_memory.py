@@ -170,14 +170,40 @@ def test_the_benchmark_plans_without_running_and_needs_cuda_to_measure(benchmark
 
 @pytest.mark.parametrize("preset", ["flux.1-dev", "wan2.1-t2v-1.3b"])
 def test_the_released_plans_run_on_meta_at_the_default_size(benchmark, preset):
-    """What a GPU session runs, minus the memory: real configs and input shapes agree (the VAE decode of 81 Wan
-    frames is left out; tiled on meta it costs half a minute)."""
+    """What a GPU session runs, minus the memory: the family's released components and its pipeline's
+    ``run_component`` inputs agree (the VAE decode of 81 Wan frames is left out; tiled on meta it costs half a
+    minute)."""
     entry = get_model_entry(preset)
-    phases = benchmark["build_plan"](preset, entry.height, entry.width, entry.frames, False)
+    plan = benchmark["build_plan"](preset, entry.height, entry.width, entry.frames, False)
     meta = torch.device("meta")
-    for component in (c for phase in phases for c in phase.components if (entry.kind, c.name) != ("video", "vae")):
-        with benchmark["_bf16_on"](meta):
-            module = component.build().eval()
+    with benchmark["_bf16_on"](meta):
+        modules = plan.build()
+    assert set(modules) == {c.name for c in plan.components} == {c.name for p in plan.phases for c in p.components}
+    for component in (c for c in plan.components if (entry.kind, c.role) != ("video", "vae")):
+        module = modules[component.name].eval()
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, component.name
         with torch.inference_mode():
-            component.run(module, meta)
+            plan.run(component, module, meta)
+
+
+def test_phases_come_from_the_pipeline_steps_and_one_architecture_is_measured_once(benchmark):
+    """Wan 2.2 A14B: the preset's two experts are the pipeline's ``dit`` and ``dit2``, each its own step, measured
+    once under one key; FLUX.1's CLIP and T5 share the prompt step; a tiny plan has the released one's names."""
+    plan = benchmark["build_plan"]("wan2.2-t2v-a14b", 720, 1280, 81, False)
+    roles = {c.name: (c.role, c.key) for c in plan.components}
+    assert roles["dit_high_noise"] == ("dit", "dit") and roles["dit_low_noise"] == ("dit2", "dit")
+    phases = {p.name: [c.name for c in p.components] for p in plan.phases}
+    assert phases["denoise"] == ["dit_high_noise"] and phases["denoise_low_noise"] == ["dit_low_noise"]
+    assert phases["encode_prompt"] == ["text_encoder"] and "image_encoder" not in str(phases)
+    flux = benchmark["build_plan"]("flux.1-dev", 1024, 1024, 1, False)
+    assert [c.name for p in flux.phases for c in p.components if p.name == "encode_prompt"] == [
+        "text_encoder",
+        "text_encoder_2",
+    ]
+    for preset in ("flux.1-fill-dev", "wan2.1-flf2v-14b-720p", "wan2.2-ti2v-5b"):
+        released = benchmark["build_plan"](preset, 64, 64, 5, False)
+        tiny = benchmark["build_plan"](preset, 64, 64, 5, True)
+        assert [(c.name, c.role, c.key) for c in tiny.components] == [
+            (c.name, c.role, c.key) for c in released.components
+        ]
+        assert [p.name for p in tiny.phases] == [p.name for p in released.phases]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from torch import nn
 
@@ -13,7 +14,7 @@ from ds_models_flux.presets import PRESETS, FluxPreset
 from ds_models_flux.schedules import SCHEDULES
 from ds_models_flux.vae import FluxVAE, FluxVAEConfig
 
-__all__ = ["FAMILY", "build_components", "text_encoder_configs"]
+__all__ = ["FAMILY", "build_components", "build_tiny_components", "text_encoder_configs"]
 
 
 def text_encoder_configs() -> dict[str, object]:
@@ -59,6 +60,30 @@ def build_components(preset: Preset) -> dict[str, nn.Module]:
     }
 
 
+def build_tiny_components(preset: Preset) -> dict[str, nn.Module]:
+    """``build_components`` at test size: the same architectures (a tiny DiT with the released one's input channels
+    and guidance embedding, VAE, CLIP and a T5 as wide as the DiT's ``context_in_dim``), for any FLUX.1 preset, the
+    demo included."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if not isinstance(preset, FluxPreset):
+        raise ValueError(f"preset {preset.name!r} is not a FLUX.1 preset")
+    dit_config = FluxDiTConfig.tiny()
+    if preset.dit_config is not None:  # Fill-dev's extra input channels, schnell's missing guidance embedding
+        released = FluxDiTConfig.preset(preset.dit_config)
+        dit_config = replace(dit_config, in_channels=released.in_channels, guidance_embed=released.guidance_embed)
+    ids = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+    clip = CLIPTextConfig(vocab_size=99, hidden_size=dit_config.vec_in_dim, intermediate_size=37, **ids)
+    small = {"d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4, "is_encoder_decoder": False}
+    t5 = T5Config(vocab_size=99, d_model=dit_config.context_in_dim, **small)
+    return {
+        "dit": FluxDiT(dit_config),
+        "vae": FluxVAE(FluxVAEConfig.tiny()),
+        "text_encoder": CLIPTextModel(clip),
+        "text_encoder_2": T5EncoderModel(t5),
+    }
+
+
 def token_layout(preset: Preset) -> TokenLayout:
     """8x VAE and 2x2 patches; the T5 prompt tokens join the image tokens in joint attention."""
     return TokenLayout(1 / 256, text_tokens=getattr(preset, "t5_sequence_length", 512))
@@ -87,6 +112,7 @@ FAMILY = FamilyDescriptor(
         "FluxTransformer2DModel",
     ),
     build_components=build_components,
+    build_tiny_components=build_tiny_components,
     token_layout=token_layout,
     lora=LoraNaming(
         sign=re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|(?:single_)?transformer_blocks)[._]\d+(?:[._]|$)"),

@@ -272,6 +272,26 @@ class Pipeline:
         raise NotImplementedError
 
     @classmethod
+    def run_component(
+        cls,
+        name: str,
+        module: nn.Module,
+        *,
+        height: int,
+        width: int,
+        frames: int,
+        device: torch.device,
+        preset: Preset | None,
+    ) -> object:
+        """Run one component (``name``: ours, as in ``component_names``) as a generation of ``height`` x ``width``
+        (``frames``: 1 for images) would, on random bf16 inputs on ``device``, for the memory benchmark
+        (``benchmarks/memory.py``). Only its peak memory matters; the output is returned so it stays alive."""
+        raise NotImplementedError(
+            f"{cls.__name__} does not define run_component, so benchmarks/memory.py cannot measure its {name!r}; "
+            "write it next to predict (the inputs of each model at a generation's size)"
+        )
+
+    @classmethod
     def load_models(
         cls,
         sources: Mapping[str, Any],

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from ds_loader.families import Preset
 from ds_models_core import grid_positions, patchify, unpatchify
 from ds_vram import VRAMConfig
 
@@ -138,6 +139,45 @@ class FluxImagePipeline(Pipeline):
             ref_ids=conditions.get("reference_ids"),
         )
         return unpatchify(velocity, (height, width))
+
+    @classmethod
+    def run_component(
+        cls,
+        name: str,
+        module: torch.nn.Module,
+        *,
+        height: int,
+        width: int,
+        frames: int,
+        device: torch.device,
+        preset: Preset | None,
+    ) -> object:
+        """See ``Pipeline.run_component``. CLIP on its 77 tokens, T5 on the preset's ``t5_sequence_length``, one DiT
+        prediction through ``predict`` (with Fill-dev's extra channels; no Kontext reference), an untiled decode."""
+        t5_tokens = getattr(preset, "t5_sequence_length", 512)
+
+        def noise(*shape: int) -> torch.Tensor:
+            return torch.randn(1, *shape, device=device, dtype=torch.bfloat16)
+
+        if name in ("text_encoder", "text_encoder_2"):
+            length = module.config.max_position_embeddings if name == "text_encoder" else t5_tokens
+            return module(input_ids=torch.randint(0, module.config.vocab_size, (1, length), device=device))
+        if name == "dit":
+            config = module.config
+            size = (height * 2 // PIXELS_PER_TOKEN, width * 2 // PIXELS_PER_TOKEN)  # latents: 8 pixels each
+            fill_channels = (config.in_channels - config.out_channels) // 4  # Fill-dev: masked image and mask
+            sigmas = torch.full((1,), 0.5, device=device, dtype=torch.bfloat16)
+            conditions = {
+                "text": noise(t5_tokens, config.context_in_dim),
+                "pooled": noise(config.vec_in_dim),
+                "guidance": torch.full_like(sigmas, 3.5) if config.guidance_embed else None,
+                "fill": noise(fill_channels, *size) if fill_channels else None,
+            }
+            return cls.predict(module, noise(config.out_channels // 4, *size), sigmas, conditions)
+        if name == "vae":
+            scale = module.spatial_compression
+            return module.decode(noise(module.latent_channels, height // scale, width // scale))
+        raise ValueError(f"{cls.__name__} has no model component {name!r}")
 
     def default_t5_sequence_length(self) -> int:
         """T5 tokens per prompt when none is asked for: 512 for guidance-distilled (dev-family) models, 256 for

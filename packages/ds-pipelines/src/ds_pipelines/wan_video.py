@@ -178,6 +178,54 @@ class WanVideoPipeline(Pipeline):
             condition=conditions.get("condition"),
         )
 
+    @classmethod
+    def run_component(
+        cls,
+        name: str,
+        module: torch.nn.Module,
+        *,
+        height: int,
+        width: int,
+        frames: int,
+        device: torch.device,
+        preset: Preset | None,
+    ) -> object:
+        """See ``Pipeline.run_component``. umT5 on 512 tokens, CLIP on one image (FLF2V encodes its two one at a
+        time), one DiT prediction through ``predict`` (either A14B expert: 512 context tokens, CLIP tokens and the
+        image condition where the model takes them; TI2V as text-to-video) and the VAE's tiled decode."""
+        from ds_models_wan.text_encoder import TEXT_MAX_LENGTH
+        from ds_models_wan.vae import WanVAEConfig
+        from ds_models_wan.vae22 import WanVAE22Config
+
+        latent_frames = (frames - 1) // 4 + 1
+
+        def noise(*shape: int) -> torch.Tensor:
+            return torch.randn(1, *shape, device=device, dtype=torch.bfloat16)
+
+        if name == "text_encoder":
+            ids = torch.randint(0, module.config.vocab_size, (1, TEXT_MAX_LENGTH), device=device)
+            return module(input_ids=ids)
+        if name == "image_encoder":
+            size = module.config.image_size
+            return module(pixel_values=noise(3, size, size))
+        if name in ("dit", "dit2"):
+            config = unwrap_model(module).config
+            vae = getattr(preset, "vae_config", "wan2.1")
+            scale = (WanVAE22Config if vae == "wan2.2" else WanVAEConfig).preset(vae).spatial_compression
+            shape = (latent_frames, height // scale, width // scale)
+            conditions = {"context": noise(config.text_len, config.text_dim)}
+            if config.has_image_input:
+                tokens = config.clip_tokens * (2 if config.model_type == "flf2v" else 1)
+                conditions["clip_feature"] = noise(tokens, config.clip_dim)
+            if config.condition_dim:
+                conditions["condition"] = noise(config.condition_dim, *shape)
+            sigmas = torch.full((1,), 0.5, dtype=torch.float64)  # on the CPU, as predict scales it
+            return cls.predict(module, noise(config.out_dim, *shape), sigmas, conditions)
+        if name == "vae":
+            scale = module.spatial_compression
+            return module.decode(noise(module.z_dim, latent_frames, height // scale, width // scale), tiled=True)
+        raise ValueError(f"{cls.__name__} has no model component {name!r}")
+
     def load_lora(
         self,
         path: str | os.PathLike,
