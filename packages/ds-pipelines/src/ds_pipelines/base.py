@@ -253,12 +253,15 @@ class Pipeline:
 
     @classmethod
     def _missing_message(cls, model: object, missing: list[str]) -> str:
+        from ds_loader.families import get_family
+
         where = "pass a preset, a model folder, or model_configs for them"
         if model is not None and Path(model).is_dir():
             folder = Path(model)
             held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
             shown = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10 else "")
-            layout = f"; a {cls.family} model folder holds {cls.folder_layout}" if cls.folder_layout else ""
+            title = get_family(cls.family).title if cls.family else cls.__name__
+            layout = f"; a {title} model folder holds {cls.folder_layout}" if cls.folder_layout else ""
             return (
                 f"{folder}: no files for {', '.join(missing)} in this folder (it holds: {shown or 'nothing'})"
                 f"{layout}; or pass model_configs for them"
