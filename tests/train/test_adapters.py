@@ -117,3 +117,25 @@ def test_random_inputs_run_through_the_prediction_step(family, config, frames, c
     with torch.no_grad():
         velocity = adapter.predict(model, latents, torch.tensor([0.3, 0.8]), given)
     assert velocity.shape == latents.shape and torch.isfinite(velocity).all()
+
+
+def test_a_non_finite_number_in_the_config_names_the_field():
+    from ds_train import TrainingConfig
+
+    for name in ("learning_rate", "caption_dropout", "max_grad_norm"):
+        with pytest.raises(ValueError, match=rf"TrainingConfig.{name}=nan must be a finite number"):
+            TrainingConfig(data="x", **{name: float("nan")})
+
+
+def test_a_diverged_loss_is_strict_json_in_the_checkpoint_and_reads_back(tmp_path):
+    import json
+
+    from ds_train.checkpoint import finish_checkpoint, read_checkpoint
+
+    state = {"step": 2, "losses": [0.5, float("nan")]}
+    path = finish_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"state": {}}, state, keep=2)
+    text = (path / "state.json").read_text()
+    assert "NaN" not in text and json.loads(text)["losses"] == [0.5, "nan"]  # strict JSON
+    _, _, read = read_checkpoint(path)
+    losses = [float(loss) for loss in read["losses"]]
+    assert losses[0] == 0.5 and losses[1] != losses[1]  # NaN again

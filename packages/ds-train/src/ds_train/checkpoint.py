@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from ds_pipelines import atomic_file, save_safetensors_atomic, write_bytes_atomic
+from ds_pipelines.media import metadata_json
 
 __all__ = [
     "atomic_write_bytes",
@@ -133,7 +134,8 @@ def finish_checkpoint(
         save_safetensors_atomic(trainable, temporary / "trainable.safetensors")
         with atomic_file(temporary / "optimizer.pt") as pending:
             torch.save(optimizer_state, pending.temporary)
-        write_bytes_atomic(temporary / "state.json", json.dumps(state, indent=1).encode())  # last: marks it complete
+        # Strict JSON (a diverged loss is "nan", not a bare NaN); written last: it marks the checkpoint complete.
+        write_bytes_atomic(temporary / "state.json", metadata_json(state).encode())
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)

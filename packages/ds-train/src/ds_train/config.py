@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the field at fault."""
+        self._validate_finite()
         if self.mode not in _MODES:
             raise ValueError(f"TrainingConfig.mode={self.mode!r}; use one of {', '.join(_MODES)}")
         if self.mixed_precision not in _PRECISIONS:
@@ -155,6 +157,13 @@ class TrainingConfig:
         if self.checkpoint_every < 0 or self.sample_every < 0:
             raise ValueError("checkpoint_every and sample_every must be >= 0 (0 turns them off)")
         self._validate_family_settings()
+
+    def _validate_finite(self) -> None:
+        """NaN or infinity in any number (a learning rate, a scale) would train garbage or write invalid JSON."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"TrainingConfig.{item.name}={value!r} must be a finite number")
 
     def _validate_family_settings(self) -> None:
         """The video and family fields (frames, the family's options, the sigma shift)."""

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ds_pipelines import write_bytes_atomic
 from ds_pipelines.base import unwrap_model
 
 from .cache import build_cache, encode_sample, load_cached
@@ -141,7 +142,8 @@ class _Run:
         _seed_everything(config.seed)
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.json").write_text(json.dumps(config.to_json(), indent=1, default=str))
+            text = json.dumps(config.to_json(), indent=1, default=str, allow_nan=False)
+            write_bytes_atomic(self.output / "config.json", text.encode())
         self.dataset = ImageDataset(
             config.data,
             self.height,
@@ -286,7 +288,7 @@ class _Run:
                 parameters[name].copy_(trainable[name])
         self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.losses = list(state.get("losses", []))
+        self.losses = [float(loss) for loss in state.get("losses", [])]  # "nan" strings read back as NaN
         self.say(f"resumed from {path} at step {state['step']}")
         return int(state["step"]), path
 
