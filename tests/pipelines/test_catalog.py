@@ -105,10 +105,10 @@ def test_pipeline_for_presets_ids_and_folders(flux_files, wan_files, tmp_path): 
     assert pipeline_for(flux_files.bfl_repo) == ("FluxImagePipeline", "image")  # BFL files, by detection
     assert pipeline_for(flux_files.repo) == ("FluxImagePipeline", "image")  # diffusers layout
     assert pipeline_for(wan_files.t2v) == ("WanVideoPipeline", "video")
-    with pytest.raises(ValueError, match="nowhere.*not a preset, a released model id or an existing path"):
+    with pytest.raises(ValueError, match=r"nowhere.*not a preset, a released model id or an existing path"):
         pipeline_for(tmp_path / "nowhere")  # says what is wrong instead of handing it to one family's loader
     (tmp_path / "random.txt").write_text("not a model")
-    with pytest.raises(ValueError, match="random.txt: no installed family recognises the DiT in this file"):
+    with pytest.raises(ValueError, match=r"random\.txt: no installed family recognises the DiT in this file"):
         pipeline_for(tmp_path / "random.txt")
     assert preset_defaults("flux.1-schnell") == {"num_inference_steps": 4}
     assert preset_defaults("flux.1-dev") == {"num_inference_steps": 30, "embedded_guidance": 3.5}

@@ -20,6 +20,7 @@ __all__ = [
     "diffusers_lora_target",
 ]
 
+
 def _equal_thirds(out_features: int, _in_features: int) -> list[int]:
     return [out_features // 3] * 3
 
