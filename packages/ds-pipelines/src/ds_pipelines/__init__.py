@@ -40,6 +40,7 @@ from .catalog import (
     preset_defaults,
     suggest_vram,
 )
+from .controlnet import ControlNetInput
 from .flux_image import FluxImagePipeline
 from .lora import LoraPiece, lora_layers, parse_lora, read_lora
 from .lora_info import LoraInfo, inspect_lora, lora_key_format
@@ -51,6 +52,7 @@ __all__ = [
     "FLOW_MATCH_TEMPLATES",
     "MEMORY_SETTINGS",
     "ComponentSize",
+    "ControlNetInput",
     "FamilyDescriptor",
     "FlowMatchScheduler",
     "FlowMatchTemplate",
