@@ -1,0 +1,386 @@
+"""Z-Image (Turbo, base) text-to-image and image-to-image, sampled as diffusers' and the official ZImagePipeline do.
+
+The DiT is called at the model's own time ``t = 1 - sigma`` (1 is clean, where flow-matching sigma 0 is) and its
+output is the negative of the flow velocity; ``predict`` hides both, so sampling and training see the usual
+velocity ``noise - x0`` at sigma. ``cfg_scale`` is the usual scale ``neg + s * (pos - neg)``, off at 1; diffusers'
+``guidance_scale`` for Z-Image is ``s - 1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from ds_loader.families import Preset
+from ds_vram import VRAMConfig, get_vram_handle
+
+from .base import Pipeline, pipeline_step, unwrap_model
+from .flux_image import check_size
+from .media import image_to_tensor, metadata_json, tensor_to_images
+from .schedulers import FlowMatchScheduler
+
+__all__ = ["ZImagePipeline"]
+
+LATENT_CHANNELS = 16
+MAX_PROMPT_TOKENS = 512  # the official text length; longer prompts are an error, not silently cut
+
+
+@dataclass
+class PromptEmbedding:
+    text: torch.Tensor  # (B, L, 2560) second-to-last Qwen3 hidden states of the chat-templated prompt
+    mask: torch.Tensor  # (B, L) bool, True on the prompt's tokens
+
+
+@functools.cache
+def warn_fp8_turbo() -> None:
+    """Once per process: Turbo's few-step distillation does not survive FP8 weights well."""
+    warnings.warn(
+        "Z-Image-Turbo with FP8 weight storage for the DiT degrades image quality noticeably (the few-step "
+        "distilled model is sensitive to weight precision); store the DiT in bfloat16 and offload it to the CPU "
+        "(VRAMConfig(storage='cpu') or storage='disk') to save memory instead. Continuing with FP8, as asked.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def guide(
+    positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float, normalization: float | bool
+) -> torch.Tensor:
+    """Classifier-free guidance ``neg + cfg_scale * (pos - neg)`` in float32; with ``normalization`` > 0 the result's
+    norm (per sample) is capped at the positive prediction's norm times ``normalization`` (diffusers' Z-Image
+    ``cfg_normalization``; True means a factor of 1)."""
+    positive, negative = positive.float(), negative.float()
+    guided = negative + cfg_scale * (positive - negative)
+    factor = float(normalization)
+    if factor > 0:
+        dims = tuple(range(1, guided.dim()))
+        norm = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
+        limit = torch.linalg.vector_norm(positive, dim=dims, keepdim=True) * factor
+        guided = torch.where(norm > limit, guided * (limit / norm), guided)
+    return guided
+
+
+def cfg_active(sigma: float, cfg_truncation: float) -> bool:
+    """Whether CFG runs at a step of noise level ``sigma``: diffusers turns it off once the normalised time
+    ``(1000 - 1000 sigma) / 1000`` (computed as it does, in float32) passes ``cfg_truncation``; a truncation above 1
+    never does."""
+    if cfg_truncation > 1:
+        return True
+    timestep = torch.tensor(sigma, dtype=torch.float32) * 1000
+    return float((1000 - timestep) / 1000) <= cfg_truncation
+
+
+class ZImagePipeline(Pipeline):
+    """Z-Image-Turbo and Z-Image (base).
+
+    Components: ``tokenizer`` + ``text_encoder`` (Qwen3, chat-templated prompts), ``dit`` (``ZImageDiT``), ``vae``
+    (the FLUX.1 VAE of ds-models-flux, read from the release's diffusers ``AutoencoderKL`` file).
+    """
+
+    component_names = ("tokenizer", "text_encoder", "dit", "vae")
+    # Turbo, the main release: 8 steps without CFG. Presets override (base: 50 steps, cfg 4).
+    default_options: ClassVar[Mapping[str, object]] = {
+        "cfg_scale": 1.0,
+        "height": 1024,
+        "width": 1024,
+        "num_inference_steps": 8,
+        "sigma_shift": 3.0,
+    }
+
+    # ------------------------------------------------------------------ loading (the base from_pretrained calls these)
+    family = "z-image"
+    required_components = component_names
+    folder_layout = "transformer/, text_encoder/, tokenizer/ and vae/ (the diffusers layout Tongyi-MAI releases)"
+
+    @classmethod
+    def folder_sources(cls, folder: Path) -> dict[str, object]:
+        """Tongyi-MAI's repositories are diffusers folders: ``transformer/``, ``text_encoder/``, ``vae/``,
+        ``tokenizer/``."""
+        names = {"transformer": "dit", "text_encoder": "text_encoder", "vae": "vae", "tokenizer": "tokenizer"}
+        return {name: folder / sub for sub, name in names.items() if (folder / sub).is_dir()}
+
+    @classmethod
+    def tokenizer_name(cls, folder: Path) -> str | None:
+        return "tokenizer" if (folder / "tokenizer_config.json").is_file() else None
+
+    @classmethod
+    def load_components(
+        cls,
+        sources: Mapping[str, object],
+        *,
+        device: torch.device,
+        torch_dtype: torch.dtype,
+        vram: VRAMConfig | Mapping[str, VRAMConfig] | None,
+    ) -> dict[str, object]:
+        from transformers import AutoTokenizer
+
+        from ds_models_flux import VAE_SPEC
+        from ds_models_z_image import DIT_SPEC, TEXT_ENCODER_SPEC
+
+        specs = {"dit": DIT_SPEC, "vae": VAE_SPEC, "text_encoder": TEXT_ENCODER_SPEC}
+        components: dict[str, object] = cls.load_models(
+            sources, specs, required=cls.required_components, device=device, torch_dtype=torch_dtype, vram=vram
+        )
+        components["tokenizer"] = AutoTokenizer.from_pretrained(_folder(sources["tokenizer"]))
+        return components
+
+    def configure(self, preset: Preset | None) -> None:
+        dit = self._components.get("dit")
+        handle = get_vram_handle(dit) if dit is not None else None
+        stored = getattr(handle.config, "storage_dtype", None) if handle is not None else None
+        fp8 = isinstance(stored, torch.dtype) and stored.itemsize == 1
+        name = preset.name if preset is not None else str(self.model_name or "")
+        if fp8 and "turbo" in name.lower():
+            warn_fp8_turbo()
+
+    # ------------------------------------------------------------------ the DiT call
+    @staticmethod
+    def predict(
+        model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, conditions: Mapping[str, object]
+    ) -> torch.Tensor:
+        """Z-Image's flow velocity for latents (B, 16, H, W) at ``sigmas`` (B,), the one DiT call of sampling and
+        training. conditions: ``text`` (B, L, 2560) prompt states, ``text_mask`` (B, L) bool (None: all tokens), and
+        optionally ``controlnet_hints``. The DiT runs at its own time ``1 - sigma`` and predicts ``x0 - noise``, so
+        its output is negated. Returns (B, 16, H, W) in the DiT's dtype."""
+        timestep = (1 - sigmas.float()).to(latents.device)
+        output = model(
+            latents,
+            timestep,
+            conditions["text"],
+            conditions.get("text_mask"),
+            controlnet_hints=conditions.get("controlnet_hints"),
+        )
+        return -output
+
+    @classmethod
+    def run_component(
+        cls,
+        name: str,
+        module: torch.nn.Module,
+        *,
+        height: int,
+        width: int,
+        frames: int,
+        device: torch.device,
+        preset: Preset | None,
+    ) -> object:
+        """See ``Pipeline.run_component``. Qwen3 on a full 512-token prompt, one DiT prediction through ``predict``
+        with 512 caption tokens, an untiled decode."""
+
+        def noise(*shape: int) -> torch.Tensor:
+            return torch.randn(1, *shape, device=device, dtype=torch.bfloat16)
+
+        if name == "text_encoder":
+            ids = torch.randint(0, module.config.vocab_size, (1, MAX_PROMPT_TOKENS), device=device)
+            return module(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+        if name == "dit":
+            config = unwrap_model(module).config
+            scale = 8
+            conditions = {
+                "text": noise(MAX_PROMPT_TOKENS, config.cap_feat_dim),
+                "text_mask": torch.ones(1, MAX_PROMPT_TOKENS, dtype=torch.bool, device=device),
+            }
+            sigmas = torch.full((1,), 0.5, device=device)
+            return cls.predict(module, noise(LATENT_CHANNELS, height // scale, width // scale), sigmas, conditions)
+        if name == "vae":
+            scale = module.spatial_compression
+            return module.decode(noise(module.latent_channels, height // scale, width // scale))
+        raise ValueError(f"{cls.__name__} has no model component {name!r}")
+
+    # ------------------------------------------------------------------ steps
+    @pipeline_step("text_encoder")
+    def encode_prompt(self, prompt: str | list[str]) -> PromptEmbedding:
+        """Second-to-last Qwen3 hidden states of the chat-templated prompt(s) and their token mask; a prompt over
+        512 tokens is a ValueError (the official pipeline would cut it silently)."""
+        from ds_models_z_image.text_encoder import encode_prompt
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        text, mask = encode_prompt(self.text_encoder, self.tokenizer, prompts, max_length=MAX_PROMPT_TOKENS)
+        return PromptEmbedding(text.to(self.device, self.torch_dtype), mask.to(self.device))
+
+    @pipeline_step("vae")
+    def encode_image(
+        self, image: Image.Image | torch.Tensor, tiled: bool = False, tile_size: int = 64, tile_overlap: int = 16
+    ) -> torch.Tensor:
+        """Image (PIL, or (B, 3, H, W) in [-1, 1]) to scaled latents (B, 16, H/8, W/8)."""
+        pixels = image if isinstance(image, torch.Tensor) else image_to_tensor(image)
+        pixels = pixels.to(self.device, self.torch_dtype)
+        tiles = dict(tile_size=tile_size, tile_overlap=tile_overlap) if tiled else {}
+        return self.vae.encode(pixels, **tiles)
+
+    @pipeline_step("dit")
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        prompt: PromptEmbedding,
+        negative: PromptEmbedding | None,
+        scheduler: FlowMatchScheduler,
+        cfg_scale: float,
+        cfg_truncation: float = 1.0,
+        cfg_normalization: float | bool = False,
+    ) -> torch.Tensor:
+        """Run the sampler from float32 ``latents`` (B, 16, h, w) at ``scheduler.sigmas[0]`` down to sigma 0.
+
+        Without ``negative`` (cfg_scale 1) the DiT runs once a step; with it, twice while CFG is active
+        (``cfg_truncation``), and the guided velocity is capped by ``cfg_normalization``. Latents stay float32
+        between steps, as the official pipeline keeps them; the DiT sees them in the pipeline's dtype.
+        """
+        batch = latents.shape[0]
+        conditional = {"text": prompt.text, "text_mask": prompt.mask}
+        unconditional = None if negative is None else {"text": negative.text, "text_mask": negative.mask}
+        steps = scheduler.timesteps
+        for index, sigma in enumerate(self.progress(steps, desc="denoising")):
+            sigmas = torch.full((batch,), float(sigma), device=self.device)
+            shared: dict[str, Any] = {}  # conditions both CFG branches take at this step (ControlNet hints)
+            model_input = latents.to(self.torch_dtype)
+            velocity = self.predict(self.dit, model_input, sigmas, conditional | shared)
+            if unconditional is not None and cfg_active(float(sigma), cfg_truncation):
+                baseline = self.predict(self.dit, model_input, sigmas, unconditional | shared)
+                velocity = guide(velocity, baseline, cfg_scale, cfg_normalization)
+            latents = scheduler.step(velocity, index, latents)
+            self.check_finite(latents, index, len(steps))
+        return latents
+
+    @pipeline_step("vae")
+    def decode(
+        self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 64, tile_overlap: int = 16
+    ) -> torch.Tensor:
+        tiles = dict(tile_size=tile_size, tile_overlap=tile_overlap) if tiled else {}
+        return self.vae.decode(latents.to(self.torch_dtype), **tiles)
+
+    # ------------------------------------------------------------------ the call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        cfg_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        sigma_shift: float | None = None,
+        seed: int | None = None,
+        noise: torch.Tensor | None = None,
+        rand_device: str = "cpu",
+        input_image: Image.Image | None = None,
+        denoising_strength: float = 1.0,
+        edit_image: Image.Image | list[Image.Image] | None = None,
+        controlnet_inputs: object | None = None,
+        cfg_truncation: float = 1.0,
+        cfg_normalization: float | bool = False,
+        tiled: bool = False,
+        tile_size: int = 64,
+        tile_overlap: int = 16,
+    ) -> Image.Image:
+        """Generate one image. Sizes are pixels (multiples of 16); tile sizes are latents (8 pixels each).
+
+        Options left as None take the loaded preset's values (``pipe.sampling_defaults``: Turbo 8 steps without CFG,
+        base 50 steps with cfg 4), otherwise Turbo's: cfg 1, 1024x1024, 8 steps, shift 3.
+        ``cfg_scale``: ``neg + s * (pos - neg)``, off at 1 (diffusers' ``guidance_scale`` is ``s - 1``); below 1 is
+        an error. ``cfg_truncation``: CFG stops once ``1 - sigma`` passes it (1: never). ``cfg_normalization``: the
+        guided velocity's norm is capped at the conditional one's times this factor (False/0: off; True: 1).
+        ``noise``: (1, 16, height // 8, width // 8). ``edit_image`` is for Omni-Base.
+        """
+        cfg_scale, height, width, num_inference_steps, sigma_shift = self.sampling_options(
+            cfg_scale=cfg_scale,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            sigma_shift=sigma_shift,
+        ).values()
+        check_size(height, width)
+        self._check_options(cfg_scale, cfg_truncation, cfg_normalization, denoising_strength, input_image)
+        self._check_edit_image(edit_image)
+        if controlnet_inputs is not None:
+            raise NotImplementedError("controlnet_inputs: the Z-Image ControlNet is not wired into this pipeline yet")
+        self.require(*self.component_names)
+        shape = (1, LATENT_CHANNELS, height // 8, width // 8)
+        if noise is None:
+            noise = self.generate_noise(shape, seed, rand_device=rand_device, dtype=torch.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; {height}x{width} needs {shape}")
+        noise = noise.to(self.device, torch.float32)
+
+        scheduler = FlowMatchScheduler("z-image")
+        scheduler.set_timesteps(num_inference_steps, denoising_strength=denoising_strength, sigma_shift=sigma_shift)
+
+        positive = self.encode_prompt(prompt)
+        negative = self.encode_prompt(negative_prompt) if cfg_scale != 1.0 else None
+
+        latents = noise
+        if input_image is not None:
+            start = self.encode_image(
+                input_image.convert("RGB").resize((width, height)), tiled, tile_size, tile_overlap
+            )
+            latents = FlowMatchScheduler.add_noise(start.float(), noise, scheduler.sigmas[0])
+
+        latents = self.denoise(latents, positive, negative, scheduler, cfg_scale, cfg_truncation, cfg_normalization)
+        pixels = self.decode(latents, tiled, tile_size, tile_overlap)
+        self.load_models_to_device(())
+        image = tensor_to_images(pixels)[0]
+        image.info["diffsynth"] = metadata_json(
+            {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt or None,
+                "seed": seed,
+                "steps": num_inference_steps,
+                "cfg_scale": cfg_scale,
+                "cfg_truncation": cfg_truncation if cfg_scale != 1.0 and cfg_truncation <= 1 else None,
+                "cfg_normalization": float(cfg_normalization) if cfg_scale != 1.0 and cfg_normalization else None,
+                "size": f"{width}x{height}",
+                "denoising_strength": denoising_strength if input_image else None,
+                "sigma_shift": sigma_shift,
+                "model": getattr(self, "model_name", None),
+            }
+        )
+        return image
+
+    # ------------------------------------------------------------------ guards
+    @staticmethod
+    def _check_options(
+        cfg_scale: float,
+        cfg_truncation: float,
+        cfg_normalization: float | bool,
+        denoising_strength: float,
+        input_image: Image.Image | None,
+    ) -> None:
+        if not isinstance(cfg_scale, int | float) or not math.isfinite(cfg_scale) or cfg_scale < 1:
+            raise ValueError(
+                f"cfg_scale={cfg_scale!r} must be a finite number >= 1 (1: no guidance; the usual scale "
+                "neg + s * (pos - neg), so diffusers' guidance_scale g is cfg_scale = g + 1)"
+            )
+        if not isinstance(cfg_truncation, int | float) or math.isnan(cfg_truncation) or cfg_truncation < 0:
+            raise ValueError(f"cfg_truncation={cfg_truncation!r} must be a number >= 0 (1 or more: never truncate)")
+        if not isinstance(cfg_normalization, int | float) or not math.isfinite(cfg_normalization):
+            raise ValueError(f"cfg_normalization={cfg_normalization!r} must be False, True or a finite factor")
+        if denoising_strength != 1.0 and input_image is None:
+            raise ValueError("denoising_strength != 1 needs an input_image to start from; pass input_image=...")
+
+    def _check_edit_image(self, edit_image: object) -> None:
+        if edit_image is None:
+            return
+        config = unwrap_model(self._components["dit"]).config if self._components.get("dit") is not None else None
+        if getattr(config, "siglip_feat_dim", None) is None:
+            raise ValueError(
+                "edit_image needs Z-Image-Omni-Base (a DiT with the SigLIP image path); the loaded DiT has none, so "
+                "it cannot take reference images. Use input_image with denoising_strength for image-to-image"
+            )
+        raise NotImplementedError("edit_image: Omni-Base editing is not implemented in this pipeline yet")
+
+
+def _folder(source: object) -> Path:
+    """The folder a tokenizer source names (resolving a ModelConfig, which may download)."""
+    from ds_loader import ModelConfig
+
+    paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
+    first = Path(paths[0])
+    return first if first.is_dir() else first.parent
