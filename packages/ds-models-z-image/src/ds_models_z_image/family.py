@@ -1,0 +1,109 @@
+"""Z-Image as a plug-in family: the one descriptor the shared layers read (registered under ``ds.families``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import nn
+from transformers import Qwen3Config
+
+from ds_loader.families import FamilyDescriptor, LoraNaming, Preset, TokenLayout
+from ds_models_flux import FluxVAE, FluxVAEConfig
+from ds_models_z_image.dit import ZImageDiT, ZImageDiTConfig
+from ds_models_z_image.lora import LORA_SIGN, diffusers_lora_names, diffusers_lora_target, layer_from_flat
+from ds_models_z_image.presets import PRESETS, ZImagePreset
+from ds_models_z_image.schedules import SCHEDULES
+from ds_models_z_image.text_encoder import MAX_PROMPT_TOKENS, build_text_encoder, qwen3_4b_config
+
+__all__ = ["FAMILY", "build_components", "build_tiny_components", "tiny_text_encoder_config", "token_layout"]
+
+
+def _dit_config(preset: Preset) -> ZImageDiTConfig:
+    if not isinstance(preset, ZImagePreset) or preset.dit_config is None:
+        raise ValueError(f"preset {preset.name!r} has no released Z-Image configuration; size it from its files")
+    return ZImageDiTConfig.preset(preset.dit_config)
+
+
+def build_components(preset: Preset) -> dict[str, nn.Module]:
+    """The released DiT, the FLUX.1 VAE and the Qwen3-4B text encoder of ``preset``, built in the caller's device
+    context. Omni-Base's SigLIP2 image encoder (``siglip/``) is not built: the DiT's SigLIP path is there, its
+    encoder is not implemented yet."""
+    return {
+        "dit": ZImageDiT(_dit_config(preset)),
+        "vae": FluxVAE(FluxVAEConfig.flux1()),
+        "text_encoder": build_text_encoder(qwen3_4b_config()),
+    }
+
+
+def tiny_text_encoder_config(hidden_size: int = 32) -> Qwen3Config:
+    """A Qwen3 text encoder at test size (3 layers, so ``hidden_states[-2]`` is a middle layer)."""
+    return Qwen3Config(
+        vocab_size=256,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+
+
+def build_tiny_components(preset: Preset) -> dict[str, nn.Module]:
+    """``build_components`` at test size: the same architectures (Omni-Base's tiny DiT keeps its SigLIP path)."""
+    released = _dit_config(preset)
+    dit_config = ZImageDiTConfig.tiny()
+    if released.siglip_feat_dim is not None:
+        dit_config = replace(dit_config, siglip_feat_dim=24)
+    return {
+        "dit": ZImageDiT(dit_config),
+        "vae": FluxVAE(FluxVAEConfig.tiny()),
+        "text_encoder": build_text_encoder(tiny_text_encoder_config(dit_config.cap_feat_dim)),
+    }
+
+
+def token_layout(preset: Preset) -> TokenLayout:
+    """8x VAE and 2x2 patches; up to 512 prompt tokens join the image tokens in the one sequence."""
+    return TokenLayout(1 / 256, text_tokens=MAX_PROMPT_TOKENS)
+
+
+FAMILY = FamilyDescriptor(
+    id="z-image",
+    title="Z-Image",
+    kind="image",
+    presets=PRESETS,
+    pipeline="ds_pipelines.z_image:ZImagePipeline",
+    training_adapter="ds_train.z_image:ZImageTrainingAdapter",
+    dit_specs=("z-image.dit",),
+    component_specs={"z-image.dit": "dit", "flux.1.vae": "vae", "z-image.text_encoder": "text_encoder"},
+    diffusers_classes=(
+        "ZImagePipeline",
+        "ZImageImg2ImgPipeline",
+        "ZImageInpaintPipeline",
+        "ZImageControlNetPipeline",
+        "ZImageControlNetInpaintPipeline",
+        "ZImageOmniPipeline",
+        "ZImageTransformer2DModel",
+    ),
+    build_components=build_components,
+    build_tiny_components=build_tiny_components,
+    token_layout=token_layout,
+    lora=LoraNaming(
+        sign=LORA_SIGN,
+        to_diffusers=diffusers_lora_names,
+        from_diffusers=diffusers_lora_target,
+        from_flat=layer_from_flat,
+        metadata={
+            "ss_network_module": "networks.lora_zimage",
+            "ss_base_model_version": "zimage",
+            "modelspec.architecture": "z-image/lora",
+            "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image",
+        },
+    ),
+    schedules=SCHEDULES,
+    default_size=(1024, 1024),
+    description="Tongyi-MAI's 6B single-stream DiT with a Qwen3-4B text encoder and the FLUX.1 VAE: Turbo, base, "
+    "Omni-Base",
+)
