@@ -137,7 +137,7 @@ def test_dit_with_hints_matches_diffusers(dit_pair, controlnet_pair):
     """The DiT consumes the main-layer hints as diffusers' transformer consumes ``controlnet_block_samples``."""
     mode, reference, ours, _ = controlnet_pair
     if mode != "none":
-        pytest.skip("2.x refiner hints: see test_refiner_hints_follow_videox_fun")
+        pytest.skip("2.x: see test_refiner_hints_follow_videox_fun")
     latents, timestep, text, mask, control = _inputs([21], ours.config.control_in_dim)
     hints = _reference_hints(reference, latents, timestep, text, mask, control, 1.0)
     with torch.no_grad():
@@ -153,6 +153,68 @@ def test_dit_with_hints_matches_diffusers(dit_pair, controlnet_pair):
         ours_hints = ours(dit_pair[1], latents, timestep, text, mask, control)
         got = dit_pair[1](latents, timestep, text, mask, controlnet_hints=ours_hints.layers)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * expected.abs().max().item())
+
+
+def _capture_refiner_hints(reference, mode: str, scale: float) -> tuple[list, object]:
+    """Record diffusers' refiner hints: the skips of the first pass through its refiner-stage blocks, scaled."""
+    blocks = reference.control_noise_refiner if mode == "control_noise_refiner" else reference.control_layers
+    captured: list = []
+
+    def keep(module, args, output):
+        if not captured:
+            captured.extend(
+                hint * scale for hint in output.unbind(0)[:-1][: len(reference.control_refiner_layers_places)]
+            )
+
+    return captured, blocks[-1].register_forward_hook(keep)
+
+
+def test_refiner_hints_follow_videox_fun(dit_pair, controlnet_pair):
+    """2.x: the refiner hints go into the DiT's own noise refiner too, as VideoX-Fun's control transformer (and
+    DiffSynth-Studio) apply them; diffusers 0.42's transformer drops them. The reference here is diffusers' transformer
+    with those hints added after its noise-refiner blocks by hooks."""
+    mode, reference, ours, _ = controlnet_pair
+    if mode == "none":
+        pytest.skip("1.0 has no refiner hints")
+    reference_dit, dit = dit_pair
+    latents, timestep, text, mask, control = _inputs([21], ours.config.control_in_dim)
+    captured, handle = _capture_refiner_hints(reference, mode, 0.8)
+    try:
+        hints = _reference_hints(reference, latents, timestep, text, mask, control, 0.8)
+    finally:
+        handle.remove()
+
+    def run_reference(refiner_hints):
+        handles = [
+            reference_dit.noise_refiner[i].register_forward_hook(lambda m, a, out, hint=hint: out + hint)
+            for i, hint in enumerate(refiner_hints)
+        ]
+        try:
+            with torch.no_grad():
+                out = reference_dit(
+                    list(latents.unsqueeze(2).unbind(0)),
+                    timestep,
+                    [text[0][mask[0]]],
+                    return_dict=False,
+                    controlnet_block_samples=hints,
+                )[0]
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack(out).squeeze(2)
+
+    expected = run_reference(captured)
+    with torch.no_grad():
+        ours_hints = ours(dit, latents, timestep, text, mask, control, scale=0.8)
+        got = dit(latents, timestep, text, mask, ours_hints.layers, ours_hints.refiner)
+        without = dit(latents, timestep, text, mask, ours_hints.layers)
+    assert len(captured) == len(ours_hints.refiner) == 2
+    for i, hint in enumerate(captured):
+        torch.testing.assert_close(ours_hints.refiner[i], hint, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * expected.abs().max().item())
+    # diffusers' own pipeline: the same main hints, no refiner hints in the transformer
+    torch.testing.assert_close(without, run_reference([]), rtol=1e-5, atol=2e-6 * expected.abs().max().item())
+    assert (got - without).abs().max() > 1e-2
 
 
 def test_scale(dit_pair, controlnet_pair):

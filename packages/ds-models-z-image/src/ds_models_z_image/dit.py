@@ -405,6 +405,7 @@ class ZImageDiT(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         controlnet_hints: Mapping[int, torch.Tensor] | None = None,
+        controlnet_refiner_hints: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The model's raw prediction; the flow-matching velocity is its negation.
 
@@ -422,6 +423,8 @@ class ZImageDiT(nn.Module):
                 diffusers applies ``controlnet_block_samples``). Each is ``(B, S, dim)`` in the unified layout of
                 each sample, ``[image tokens padded to 32, caption tokens padded to 32]``, zero-padded to a common
                 ``S`` (diffusers' layout); positions past a sample's own length are ignored.
+            controlnet_refiner_hints: noise-refiner block index -> ``(B, image tokens padded to 32, dim)`` residual
+                added to the image tokens after that block (the Fun ControlNet 2.x, as VideoX-Fun applies it).
 
         Returns:
             ``(B, in_channels, H, W)`` in the dtype of the computation (that of ``latents``).
@@ -432,13 +435,15 @@ class ZImageDiT(nn.Module):
             caption_len = groups[0][1]
             caption = F.pad(text, (0, 0, 0, caption_len - length))
             pad = torch.arange(caption_len, device=text.device) >= length
-            return self._forward_group(latents, timestep, caption, pad.expand(b, -1), controlnet_hints)
+            refiner = controlnet_refiner_hints
+            return self._forward_group(latents, timestep, caption, pad.expand(b, -1), controlnet_hints, refiner)
         out = None
         for indices, caption_len in groups:
             index = torch.tensor(indices, device=latents.device)
             caption, pad = self._gather_caption(text, text_mask, indices, caption_len)
             hints = {layer: hint[index] for layer, hint in (controlnet_hints or {}).items()}
-            result = self._forward_group(latents[index], timestep[index], caption, pad, hints)
+            refiner = {block: hint[index] for block, hint in (controlnet_refiner_hints or {}).items()}
+            result = self._forward_group(latents[index], timestep[index], caption, pad, hints, refiner)
             if out is None:
                 out = result.new_empty((b, *result.shape[1:]))
             out[index] = result
@@ -464,6 +469,7 @@ class ZImageDiT(nn.Module):
         caption: torch.Tensor,
         caption_pad: torch.Tensor,
         hints: Mapping[int, torch.Tensor] | None,
+        refiner_hints: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Samples with one padded caption length: no attention mask anywhere."""
         p = self.config.patch_size
@@ -475,8 +481,10 @@ class ZImageDiT(nn.Module):
         x = self.embed_image(latents)
         image_len = x.shape[1]
         x_freqs, cap_freqs = freqs[:image_len], freqs[image_len:]
-        for block in self.noise_refiner:
+        for index, block in enumerate(self.noise_refiner):
             x = block(x, x_freqs, adaln)
+            if refiner_hints and index in refiner_hints:
+                x = x + refiner_hints[index].to(x)
         cap = self.embed_caption(caption, caption_pad)
         for block in self.context_refiner:
             cap = block(cap, cap_freqs)
