@@ -293,7 +293,7 @@ class FolderLock:
     def _take(self, handle: int) -> bool:
         """Lock ``handle`` and write our record; False when the file was replaced meanwhile (retry)."""
         if not _flock(handle):
-            raise FolderLockedError(self._held_message(_read_record(handle)))
+            raise FolderLockedError(self._held_message(_holder_record(handle)))
         try:
             if os.fstat(handle).st_ino != os.stat(self.path).st_ino:
                 return False
@@ -357,6 +357,17 @@ def _gone(record: dict) -> bool:
     """Whether the run a lock record names has ended: same host, and no process with its pid."""
     pid = record.get("pid")
     return record.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+
+def _holder_record(handle: int, patience: float = 2.0) -> dict | None:
+    """The record of a holder that has just taken the flock: it writes its record right after, so wait a moment
+    for a complete one rather than name nobody."""
+    deadline = time.monotonic() + patience
+    while True:
+        record = _read_record(handle)
+        if (record is not None and record.get("pid") != "?") or time.monotonic() >= deadline:
+            return record
+        time.sleep(0.01)
 
 
 def _read_record(handle: int) -> dict | None:
