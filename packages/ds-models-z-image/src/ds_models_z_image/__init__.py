@@ -2,6 +2,7 @@
 (transformers), detection specs, presets and the family descriptor. The VAE is the FLUX.1 VAE, reused from
 ``ds_models_flux`` (``FluxVAE``, ``VAE_SPEC``)."""
 
+from ds_models_z_image.controlnet import CONTROLNET_SPEC, ZImageControlHints, ZImageControlNet, ZImageControlNetConfig
 from ds_models_z_image.dit import (
     SEQ_MULTIPLE,
     ZImageBlock,
@@ -24,6 +25,7 @@ from ds_models_z_image.text_encoder import (
 )
 
 __all__ = [
+    "CONTROLNET_SPEC",
     "DIT_SPEC",
     "MAX_PROMPT_TOKENS",
     "PRESETS",
@@ -33,6 +35,9 @@ __all__ = [
     "TEXT_ENCODER_SPEC",
     "PromptTooLongError",
     "ZImageBlock",
+    "ZImageControlHints",
+    "ZImageControlNet",
+    "ZImageControlNetConfig",
     "ZImageDiT",
     "ZImageDiTConfig",
     "ZImagePreset",

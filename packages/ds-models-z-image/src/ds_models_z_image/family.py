@@ -77,7 +77,12 @@ FAMILY = FamilyDescriptor(
     pipeline="ds_pipelines.z_image:ZImagePipeline",
     training_adapter="ds_train.z_image:ZImageTrainingAdapter",
     dit_specs=("z-image.dit",),
-    component_specs={"z-image.dit": "dit", "flux.1.vae": "vae", "z-image.text_encoder": "text_encoder"},
+    component_specs={
+        "z-image.dit": "dit",
+        "flux.1.vae": "vae",
+        "z-image.text_encoder": "text_encoder",
+        "z-image.controlnet": "controlnet",
+    },
     diffusers_classes=(
         "ZImagePipeline",
         "ZImageImg2ImgPipeline",

@@ -19,6 +19,7 @@ import torch
 from transformers import Qwen3Config, Qwen3Model
 
 from ds_loader import Detection, HeaderView, Mismatch, ModelSpec, Recipe, drop, strip_prefix
+from ds_models_z_image.controlnet import CONTROLNET_SPEC
 from ds_models_z_image.converters import COMFY_PREFIX, FP8_DTYPES, dit_recipe
 from ds_models_z_image.dit import ZImageDiT, ZImageDiTConfig
 from ds_models_z_image.text_encoder import qwen3_config_from_shapes
@@ -183,4 +184,4 @@ TEXT_ENCODER_SPEC = ModelSpec(
     formats={"transformers": _TEXT_ENCODER_RECIPE, "qwen3-model": Recipe(drop(r"lm_head\.weight"))},
     build=build_text_encoder_for_loader,
 )
-SPECS = (DIT_SPEC, TEXT_ENCODER_SPEC)
+SPECS = (DIT_SPEC, TEXT_ENCODER_SPEC, CONTROLNET_SPEC)
