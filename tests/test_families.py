@@ -47,6 +47,12 @@ RELEASED_DIT_PARAMETERS: dict[str, float] = {
     "wan2.2-t2v-a14b": 14.29e9,
     "wan2.2-i2v-a14b": 14.29e9,
     "wan2.2-ti2v-5b": 5.00e9,
+    # Z-Image: "6B" on the model cards, 6.15B for Turbo and base (the same architecture; the bf16 transformer is
+    # 12.3 GB); Omni-Base adds the SigLIP path (siglip_embedder and two siglip_refiner blocks, ~0.36B) to it, per
+    # diffusers' ZImageTransformer2DModel(siglip_feat_dim=1152): its card gives no separate count.
+    "z-image-turbo": 6.15e9,
+    "z-image": 6.15e9,
+    "z-image-omni-base": 6.51e9,
 }
 TOLERANCE = 0.01
 LORA_METADATA_KEYS = ("ss_network_module", "ss_base_model_version", "modelspec.architecture")

@@ -20,6 +20,7 @@ __all__ = [
     "format_prompt",
     "qwen3_4b_config",
     "qwen3_config_from_shapes",
+    "rope_theta",
 ]
 
 MAX_PROMPT_TOKENS = 512  # the official pipeline's max_sequence_length
@@ -74,9 +75,18 @@ def qwen3_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], config_json:
     }
     released = qwen3_4b_config()
     json = dict(config_json or {})
-    for name in ("rope_theta", "rms_norm_eps", "max_position_embeddings", "hidden_act", "tie_word_embeddings"):
+    for name in ("rms_norm_eps", "max_position_embeddings", "hidden_act", "tie_word_embeddings"):
         fields[name] = json.get(name, getattr(released, name))
+    # transformers 5 keeps the RoPE base in rope_parameters; config.json files of 4.x say rope_theta.
+    theta = (json.get("rope_parameters") or {}).get("rope_theta", json.get("rope_theta"))
+    fields["rope_theta"] = float(theta if theta is not None else rope_theta(released))
     return Qwen3Config(**fields, use_cache=False)
+
+
+def rope_theta(config: Qwen3Config) -> float:
+    """The RoPE base of a Qwen3 config (``rope_parameters`` in transformers 5, ``rope_theta`` before)."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def format_prompt(tokenizer: Any, prompt: str) -> str:
