@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ds_loader.families import Preset
 from ds_vram import VRAMConfig, get_vram_handle
 
 from .base import Pipeline, pipeline_step, unwrap_model
+from .controlnet import ControlNetInput, as_controlnet_inputs
 from .flux_image import check_size
 from .media import image_to_tensor, metadata_json, tensor_to_images
 from .schedulers import FlowMatchScheduler
@@ -82,10 +84,11 @@ class ZImagePipeline(Pipeline):
     """Z-Image-Turbo and Z-Image (base).
 
     Components: ``tokenizer`` + ``text_encoder`` (Qwen3, chat-templated prompts), ``dit`` (``ZImageDiT``), ``vae``
-    (the FLUX.1 VAE of ds-models-flux, read from the release's diffusers ``AutoencoderKL`` file).
+    (the FLUX.1 VAE of ds-models-flux, read from the release's diffusers ``AutoencoderKL`` file), and optionally
+    ``controlnet`` (``ZImageControlNet``, the Fun ControlNet Union; load it with ``model_configs``).
     """
 
-    component_names = ("tokenizer", "text_encoder", "dit", "vae")
+    component_names = ("tokenizer", "text_encoder", "dit", "vae", "controlnet")
     # Turbo, the main release: 8 steps without CFG. Presets override (base: 50 steps, cfg 4).
     default_options: ClassVar[Mapping[str, object]] = {
         "cfg_scale": 1.0,
@@ -97,7 +100,7 @@ class ZImagePipeline(Pipeline):
 
     # ------------------------------------------------------------------ loading (the base from_pretrained calls these)
     family = "z-image"
-    required_components = component_names
+    required_components = ("tokenizer", "text_encoder", "dit", "vae")
     folder_layout = "transformer/, text_encoder/, tokenizer/ and vae/ (the diffusers layout Tongyi-MAI releases)"
 
     @classmethod
@@ -123,9 +126,9 @@ class ZImagePipeline(Pipeline):
         from transformers import AutoTokenizer
 
         from ds_models_flux import VAE_SPEC
-        from ds_models_z_image import DIT_SPEC, TEXT_ENCODER_SPEC
+        from ds_models_z_image import CONTROLNET_SPEC, DIT_SPEC, TEXT_ENCODER_SPEC
 
-        specs = {"dit": DIT_SPEC, "vae": VAE_SPEC, "text_encoder": TEXT_ENCODER_SPEC}
+        specs = {"dit": DIT_SPEC, "vae": VAE_SPEC, "text_encoder": TEXT_ENCODER_SPEC, "controlnet": CONTROLNET_SPEC}
         components: dict[str, object] = cls.load_models(
             sources, specs, required=cls.required_components, device=device, torch_dtype=torch_dtype, vram=vram
         )
@@ -148,8 +151,8 @@ class ZImagePipeline(Pipeline):
     ) -> torch.Tensor:
         """Z-Image's flow velocity for latents (B, 16, H, W) at ``sigmas`` (B,), the one DiT call of sampling and
         training. conditions: ``text`` (B, L, 2560) prompt states, ``text_mask`` (B, L) bool (None: all tokens), and
-        optionally ``controlnet_hints``. The DiT runs at its own time ``1 - sigma`` and predicts ``x0 - noise``, so
-        its output is negated. Returns (B, 16, H, W) in the DiT's dtype."""
+        optionally ``controlnet_hints`` and ``controlnet_refiner_hints``. The DiT runs at its own time ``1 - sigma``
+        and predicts ``x0 - noise``, so its output is negated. Returns (B, 16, H, W) in the DiT's dtype."""
         timestep = (1 - sigmas.float()).to(latents.device)
         mask = conditions.get("text_mask")
         if mask is not None and mask.dtype != torch.bool:  # a batch cast to the training dtype carries it as 0/1
@@ -160,6 +163,7 @@ class ZImagePipeline(Pipeline):
             conditions["text"],
             mask,
             controlnet_hints=conditions.get("controlnet_hints"),
+            controlnet_refiner_hints=conditions.get("controlnet_refiner_hints"),
         )
         return -output
 
@@ -219,7 +223,72 @@ class ZImagePipeline(Pipeline):
         tiles = dict(tile_size=tile_size, tile_overlap=tile_overlap) if tiled else {}
         return self.vae.encode(pixels, **tiles)
 
-    @pipeline_step("dit")
+    @pipeline_step("vae")
+    def encode_control(
+        self, control: ControlNetInput, height: int, width: int, tiled: bool = False, **tiles: int
+    ) -> torch.Tensor:
+        """The ControlNet's input latents for one ``ControlNetInput``, (1, control_in_dim, height/8, width/8).
+
+        As VideoX-Fun's Z-Image control pipeline: the control image's latents (zeros for ``control_type="inpaint"``,
+        whose image is the picture to repaint), then for the 2.x models (33 channels) the mask at latent size as
+        ``1 - mask`` (nearest, 0 = repaint) and the latents of the picture with the masked part set to 0. Without a
+        mask the mask channel is 0 and the picture is all zeros (mid-gray), as the official text-to-image example
+        feeds it (diffusers' ZImageControlNetPipeline feeds zero latents instead).
+        """
+        channels = unwrap_model(self._components["controlnet"]).config.control_in_dim
+        encode = functools.partial(self._encode_pixels, tiled=tiled, **tiles)
+        size = (height // 8, width // 8)
+        if control.control_type == "inpaint":
+            latents = torch.zeros(1, LATENT_CHANNELS, *size, device=self.device, dtype=self.torch_dtype)
+        else:
+            latents = encode(control.image_tensor(height, width))
+        if channels == LATENT_CHANNELS:
+            if control.inpaint_mask is not None:
+                raise ValueError(
+                    "ControlNetInput.inpaint_mask: this ControlNet takes 16 channels (the 1.0 Union), which have no "
+                    "inpaint mask; use the 2.x Union for inpainting"
+                )
+            return latents
+        if channels != 2 * LATENT_CHANNELS + 1:
+            raise ValueError(f"the loaded ControlNet takes {channels} input channels; Z-Image's take 16 or 33")
+        mask = control.mask_tensor(height, width)
+        if mask is None:
+            keep = torch.zeros(1, 1, *size)
+            picture = torch.zeros(1, 3, height, width)
+        else:
+            keep = F.interpolate(1 - mask, size=size, mode="nearest")
+            picture = control.repaint_tensor(height, width) * (mask < 0.5)
+        keep = keep.to(self.device, self.torch_dtype)
+        return torch.cat([latents, keep, encode(picture)], dim=1)
+
+    def _encode_pixels(self, pixels: torch.Tensor, tiled: bool = False, **tiles: int) -> torch.Tensor:
+        return self.vae.encode(pixels.to(self.device, self.torch_dtype), **(tiles if tiled else {}))
+
+    def control_conditions(
+        self,
+        controls: tuple[tuple[ControlNetInput, torch.Tensor], ...],
+        index: int,
+        total: int,
+        latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        conditions: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The ControlNet hints for one DiT call (one CFG branch: the hints depend on its prompt), summed over the
+        inputs active at step ``index`` of ``total``; {} when none is."""
+        hints = None
+        timestep = (1 - sigmas.float()).to(latents.device)
+        for control, context in controls:
+            if not control.active(index, total):
+                continue
+            step = self.controlnet(
+                self.dit, latents, timestep, conditions["text"], conditions.get("text_mask"), context, control.scale
+            )
+            hints = step if hints is None else hints + step
+        if hints is None:
+            return {}
+        return {"controlnet_hints": hints.layers, "controlnet_refiner_hints": hints.refiner}
+
+    @pipeline_step("dit", "controlnet")
     def denoise(
         self,
         latents: torch.Tensor,
@@ -229,12 +298,14 @@ class ZImagePipeline(Pipeline):
         cfg_scale: float,
         cfg_truncation: float = 1.0,
         cfg_normalization: float | bool = False,
+        controls: tuple[tuple[ControlNetInput, torch.Tensor], ...] = (),
     ) -> torch.Tensor:
         """Run the sampler from float32 ``latents`` (B, 16, h, w) at ``scheduler.sigmas[0]`` down to sigma 0.
 
         Without ``negative`` (cfg_scale 1) the DiT runs once a step; with it, twice while CFG is active
         (``cfg_truncation``), and the guided velocity is capped by ``cfg_normalization``. Latents stay float32
-        between steps, as the official pipeline keeps them; the DiT sees them in the pipeline's dtype.
+        between steps, as the official pipeline keeps them; the DiT sees them in the pipeline's dtype. ``controls``:
+        (input, control latents) pairs; the ControlNet runs for each branch at the steps in its window.
         """
         batch = latents.shape[0]
         conditional = {"text": prompt.text, "text_mask": prompt.mask}
@@ -242,11 +313,12 @@ class ZImagePipeline(Pipeline):
         steps = scheduler.timesteps
         for index, sigma in enumerate(self.progress(steps, desc="denoising")):
             sigmas = torch.full((batch,), float(sigma), device=self.device)
-            shared: dict[str, Any] = {}  # conditions both CFG branches take at this step (ControlNet hints)
             model_input = latents.to(self.torch_dtype)
-            velocity = self.predict(self.dit, model_input, sigmas, conditional | shared)
+            hints = self.control_conditions(controls, index, len(steps), model_input, sigmas, conditional)
+            velocity = self.predict(self.dit, model_input, sigmas, conditional | hints)
             if unconditional is not None and cfg_active(float(sigma), cfg_truncation):
-                baseline = self.predict(self.dit, model_input, sigmas, unconditional | shared)
+                hints = self.control_conditions(controls, index, len(steps), model_input, sigmas, unconditional)
+                baseline = self.predict(self.dit, model_input, sigmas, unconditional | hints)
                 velocity = guide(velocity, baseline, cfg_scale, cfg_normalization)
             latents = scheduler.step(velocity, index, latents)
             self.check_finite(latents, index, len(steps))
@@ -277,7 +349,7 @@ class ZImagePipeline(Pipeline):
         input_image: Image.Image | None = None,
         denoising_strength: float = 1.0,
         edit_image: Image.Image | list[Image.Image] | None = None,
-        controlnet_inputs: object | None = None,
+        controlnet_inputs: ControlNetInput | list[ControlNetInput] | None = None,
         cfg_truncation: float = 1.0,
         cfg_normalization: float | bool = False,
         tiled: bool = False,
@@ -291,7 +363,9 @@ class ZImagePipeline(Pipeline):
         ``cfg_scale``: ``neg + s * (pos - neg)``, off at 1 (diffusers' ``guidance_scale`` is ``s - 1``); below 1 is
         an error. ``cfg_truncation``: CFG stops once ``1 - sigma`` passes it (1: never). ``cfg_normalization``: the
         guided velocity's norm is capped at the conditional one's times this factor (False/0: off; True: 1).
-        ``noise``: (1, 16, height // 8, width // 8). ``edit_image`` is for Omni-Base.
+        ``noise``: (1, 16, height // 8, width // 8). ``edit_image`` is for Omni-Base. ``controlnet_inputs``: one or
+        more ``ControlNetInput`` for the loaded ``controlnet`` (the Fun ControlNet Union: canny, depth, pose, HED,
+        ... maps, and with 2.x an inpaint mask); their hints add up.
         """
         cfg_scale, height, width, num_inference_steps, sigma_shift = self.sampling_options(
             cfg_scale=cfg_scale,
@@ -303,9 +377,13 @@ class ZImagePipeline(Pipeline):
         check_size(height, width)
         self._check_options(cfg_scale, cfg_truncation, cfg_normalization, denoising_strength, input_image)
         self._check_edit_image(edit_image)
-        if controlnet_inputs is not None:
-            raise NotImplementedError("controlnet_inputs: the Z-Image ControlNet is not wired into this pipeline yet")
-        self.require(*self.component_names)
+        controls = as_controlnet_inputs(controlnet_inputs)
+        self.require(*self.required_components, *(("controlnet",) if controls else ()))
+        for i, control in enumerate(controls):
+            if control.controlnet_id != 0:
+                raise ValueError(
+                    f"controlnet_inputs[{i}].controlnet_id={control.controlnet_id}: ZImagePipeline has one ControlNet"
+                )
         shape = (1, LATENT_CHANNELS, height // 8, width // 8)
         if noise is None:
             noise = self.generate_noise(shape, seed, rand_device=rand_device, dtype=torch.float32)
@@ -326,7 +404,11 @@ class ZImagePipeline(Pipeline):
             )
             latents = FlowMatchScheduler.add_noise(start.float(), noise, scheduler.sigmas[0])
 
-        latents = self.denoise(latents, positive, negative, scheduler, cfg_scale, cfg_truncation, cfg_normalization)
+        tiles = dict(tile_size=tile_size, tile_overlap=tile_overlap)
+        contexts = tuple((c, self.encode_control(c, height, width, tiled, **tiles)) for c in controls)
+        latents = self.denoise(
+            latents, positive, negative, scheduler, cfg_scale, cfg_truncation, cfg_normalization, contexts
+        )
         pixels = self.decode(latents, tiled, tile_size, tile_overlap)
         self.load_models_to_device(())
         image = tensor_to_images(pixels)[0]
@@ -342,6 +424,10 @@ class ZImagePipeline(Pipeline):
                 "size": f"{width}x{height}",
                 "denoising_strength": denoising_strength if input_image else None,
                 "sigma_shift": sigma_shift,
+                "controlnet": [
+                    {"type": c.control_type, "scale": c.scale, "start": c.start, "end": c.end} for c in controls
+                ]
+                or None,
                 "model": getattr(self, "model_name", None),
             }
         )
