@@ -1,9 +1,10 @@
-"""The tiny FLUX.1 and Wan repositories the pipeline tests build, shared with the examples' tests."""
+"""The tiny FLUX.1, Wan and Z-Image repositories the pipeline tests build, shared with the examples' tests."""
 
 import pytest
 
 from tests.pipelines.conftest import flux_files  # noqa: F401  (session fixtures, re-exported)
 from tests.pipelines.wan_fixtures import wan_files  # noqa: F401
+from tests.pipelines.z_image_fixtures import z_image_files  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

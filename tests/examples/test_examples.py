@@ -18,6 +18,7 @@ from PIL import Image
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FLUX_TINY = ["--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
 WAN_TINY = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "2", "--device", "cpu"]
+Z_IMAGE_TINY = ["--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
 
 
 def run_example(script: str, *args: object, monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -203,3 +204,37 @@ def test_wan_training(script, extra, weights, wan_files, tmp_path, monkeypatch):
         info = inspect_lora(output / weights)
         assert info.format == "comfyui" and set(info.ranks) == {4}
     assert video_frame_count(output / "sample.mp4") == 5
+
+
+def test_z_image_inference(z_image_files, tmp_path, monkeypatch):
+    output = tmp_path / "z_image.png"
+    arguments = ["--model", z_image_files.repo, "--output", output, "--cfg-scale", "2", "--negative-prompt", "blurry"]
+    run_example("z_image/inference.py", *arguments, *Z_IMAGE_TINY, monkeypatch=monkeypatch)
+    with Image.open(output) as image:
+        assert image.size == (64, 64)
+        parameters = json.loads(image.info["diffsynth"])
+    assert parameters["steps"] == 2 and parameters["cfg_scale"] == 2.0
+
+
+def test_z_image_low_vram_inference_streams_the_dit(z_image_files, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "low.png"
+    arguments = ["--model", z_image_files.repo, "--output", output, "--vram-limit", "0", "--storage", "disk"]
+    namespace = run_example("z_image/low_vram_inference.py", *arguments, *Z_IMAGE_TINY, monkeypatch=monkeypatch)
+    report = namespace["report"]
+    assert report.resident_bytes < report.streamed_bytes  # vram_limit 0: the DiT's layers stream
+    assert {layer.storage for layer in report.layers} >= {"disk"}
+    assert output.is_file() and "GiB streamed" in capsys.readouterr().out
+
+
+def test_z_image_lora_training(z_image_files, dataset, tmp_path, monkeypatch):
+    from ds_pipelines import inspect_lora
+
+    output = tmp_path / "run"
+    arguments = ["--model", z_image_files.repo, "--data", dataset, "--output", output, "--trigger", "sks"]
+    arguments += ["--steps", "2", "--rank", "4", "--size", "32", "--mixed-precision", "no", "--device", "cpu"]
+    namespace = run_example("z_image/lora_training.py", *arguments, monkeypatch=monkeypatch)
+    assert namespace["result"].steps == 2
+    info = inspect_lora(output / "lora.safetensors")
+    assert info.format == "comfyui" and set(info.ranks) == {4}
+    with Image.open(output / "sample.png") as image:
+        assert image.size == (32, 32)

@@ -210,7 +210,10 @@ class ZImagePipeline(Pipeline):
         from ds_models_z_image.text_encoder import encode_prompt
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        text, mask = encode_prompt(self.text_encoder, self.tokenizer, prompts, max_length=MAX_PROMPT_TOKENS)
+        # On the pipeline's device: a managed encoder's parameters may sit in CPU RAM or, unread, on disk.
+        text, mask = encode_prompt(
+            self.text_encoder, self.tokenizer, prompts, max_length=MAX_PROMPT_TOKENS, device=self.device
+        )
         return PromptEmbedding(text.to(self.device, self.torch_dtype), mask.to(self.device))
 
     @pipeline_step("vae")
