@@ -9,6 +9,7 @@ applies both to diffusers' pipeline through hooks and then expects the same imag
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -248,3 +249,45 @@ def test_guards(z_image_files, pipes):  # noqa: F811
         controlnet_inputs=[ControlNetInput(image, scale=0.7, end=0.5, control_type="canny")],
     )
     assert '"controlnet": [{"type": "canny", "scale": 0.7, "start": 0.0, "end": 0.5}]' in result.info["diffsynth"]
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def test_cli_control_image(z_image_files, controlnet_files, capsys, tmp_path):  # noqa: F811
+    from tests.apps.test_cli import run_main
+
+    image_path = tmp_path / "pose.png"
+    control_image().save(image_path)
+    common = ["generate", "--model", z_image_files.repo, "--prompt", "the cat", "--height", SIZE, "--width", SIZE]
+    common += ["--steps", 2, "--device", "cpu", "--quiet"]
+    output = tmp_path / "controlled.png"
+    code, _, err = run_main(
+        capsys,
+        *common,
+        "-o",
+        output,
+        "--controlnet",
+        controlnet_files["2.1"],
+        "--control-image",
+        image_path,
+        "--control-type",
+        "Pose",
+        "--control-scale",
+        0.75,
+    )
+    assert code == 0, err
+    with Image.open(output) as image:
+        recorded = json.loads(image.info["diffsynth"])
+    assert recorded["controlnet"] == [{"type": "pose", "scale": 0.75, "start": 0.0, "end": 1.0}]
+
+    code, _, err = run_main(capsys, *common, "-o", tmp_path / "a.png", "--control-type", "canny")
+    assert code == 2 and "--control-type and --control-scale need --control-image" in err
+    code, _, err = run_main(capsys, *common, "--control-image", image_path, "--control-scale", "nan")
+    assert code == 2 and "argument --control-scale: nan is not a finite number" in err
+    code, _, err = run_main(capsys, *common, "-o", tmp_path / "b.png", "--control-image", image_path)
+    assert code == 1 and "needs controlnet" in err
+    code, _, err = run_main(capsys, *common, "--controlnet", tmp_path / "missing.safetensors")
+    assert code == 1 and "--controlnet" in err and "no such file" in err
+    code, _, err = run_main(
+        capsys, "generate", "--prompt", "x", "--controlnet", controlnet_files["2.1"], "-o", tmp_path / "c.png"
+    )
+    assert code == 2 and "takes no ControlNet" in err

@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   diffsynth generate --model flux.1-dev --prompt "ink style" --lora ink.safetensors:0.8 --lora paper.safetensors
   diffsynth generate --model flux.1-dev --prompt "in winter" --input-image summer.png --strength 0.6
   diffsynth generate --model wan2.1-t2v-1.3b --prompt "waves at night" -o waves.mp4 --frames 33 --storage disk
+  diffsynth generate --model z-image-turbo --prompt "a dancer" --controlnet union-2.1-8steps.safetensors \\
+      --control-image pose.png --control-type pose --control-scale 0.9
 
 Output files are never overwritten unless --overwrite: seven.png exists, so the next one is seven-1.png.
 Every file carries its parameters (PNG text chunks "parameters" and "diffsynth"; the mp4 "comment" tag).
@@ -78,6 +80,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="where weights sit between uses (default: cpu with --vram-limit or --fp8, else the device)",
     )
     parser.add_argument("--tiled", action="store_true", help="tiled VAE encode and decode (less memory)")
+    parser.add_argument(
+        "--controlnet", type=Path, help="a ControlNet file to load beside the model (Z-Image Fun Union)"
+    )
+    parser.add_argument("--control-image", type=Path, help="the ControlNet's condition (a canny, depth or pose map)")
+    parser.add_argument("--control-type", help="what the control image is: canny, depth, pose, hed, ...")
+    parser.add_argument(
+        "--control-scale", type=types.finite_float, default=1.0, help="ControlNet strength (default 1)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -111,6 +121,8 @@ def _check(args: argparse.Namespace, kind: str) -> Path:
         )
     if args.strength != 1 and args.input_image is None and args.input_video is None:
         raise UsageError("--strength needs --input-image or --input-video to start from")
+    if args.control_image is None and (args.control_type is not None or args.control_scale != 1):
+        raise UsageError("--control-type and --control-scale need --control-image")
     if kind == "image" and (args.frames is not None or args.fps is not None or args.input_video is not None):
         raise UsageError("--frames, --fps and --input-video are for video models; this model makes images")
     _check_files(args)
@@ -120,7 +132,7 @@ def _check(args: argparse.Namespace, kind: str) -> Path:
 
 
 def _check_files(args: argparse.Namespace) -> None:
-    for name in ("input_image", "input_video"):
+    for name in ("input_image", "input_video", "controlnet", "control_image"):
         path = getattr(args, name)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
@@ -170,6 +182,16 @@ def _inputs(args: argparse.Namespace, pipe: object) -> dict[str, object]:
         from ds_pipelines.media import load_video
 
         inputs["input_video"] = load_video(args.input_video)
+    if args.control_image is not None:
+        if "controlnet_inputs" not in accepted:
+            raise UsageError(f"--control-image is not an option of {type(pipe).__name__}")
+        from ds_pipelines import ControlNetInput
+
+        with Image.open(args.control_image) as image:
+            control = image.convert("RGB")
+        inputs["controlnet_inputs"] = [
+            ControlNetInput(control, scale=args.control_scale, control_type=args.control_type)
+        ]
     return inputs
 
 
@@ -191,8 +213,15 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if args.controlnet is not None and "controlnet" not in pipeline_class.component_names:
+        raise UsageError(f"--controlnet: {pipeline_class.__name__} takes no ControlNet")
     pipe = pipeline_class.from_pretrained(
-        model, torch_dtype=dtype, device=args.device, vram=_vram_config(args, dtype), progress_bar=not args.quiet
+        model,
+        model_configs={"controlnet": args.controlnet} if args.controlnet is not None else None,
+        torch_dtype=dtype,
+        device=args.device,
+        vram=_vram_config(args, dtype),
+        progress_bar=not args.quiet,
     )
     options = _options(args, pipe, preset_defaults(model))
     options.update(_inputs(args, pipe))
