@@ -17,11 +17,13 @@ from safetensors.torch import save_file
 from ds_vram import read_safetensors_header
 from tests.pipelines.conftest import flux_files  # noqa: F401  (session fixtures, re-exported)
 from tests.pipelines.wan_fixtures import wan_files  # noqa: F401
+from tests.pipelines.z_image_fixtures import z_image_files  # noqa: F401
 
 # Keyword arguments each pipeline call is clamped to: the code runs as written, at a size a CPU does in seconds.
 SHRINK = {
     "FluxImagePipeline": {"height": 64, "width": 64, "num_inference_steps": 2},
     "WanVideoPipeline": {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2},
+    "ZImagePipeline": {"height": 64, "width": 64, "num_inference_steps": 2},
 }
 # TrainingConfig fields each train() call is clamped to.
 TRAIN_SHRINK = {"steps": 2, "height": 32, "width": 32}
@@ -53,7 +55,7 @@ def _style_lora(dit_file: Path, path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def docs_models(flux_files, wan_files, tmp_path_factory) -> SimpleNamespace:  # noqa: F811
+def docs_models(flux_files, wan_files, z_image_files, tmp_path_factory) -> SimpleNamespace:  # noqa: F811
     """``DIFFSYNTH_MODEL_BASE_PATH`` contents: each preset's repository id, holding tiny files in its layout."""
     root = tmp_path_factory.mktemp("docs_models")
     base = root / "models"
@@ -61,6 +63,8 @@ def docs_models(flux_files, wan_files, tmp_path_factory) -> SimpleNamespace:  # 
     _link(bfl, base / "black-forest-labs" / "FLUX.1-dev")
     for repository, file in FLUX_DIT_VARIANTS.items():
         _link(bfl / "flux1-dev.safetensors", base / "black-forest-labs" / repository / file)
+    for repository in ("Z-Image-Turbo", "Z-Image"):  # the tiny repository holds every file both presets read
+        _link(z_image_files.repo, base / "Tongyi-MAI" / repository)
     lora = root / "style.safetensors"
     _style_lora(bfl / "flux1-dev.safetensors", lora)
     photo = root / "photo.png"
