@@ -3,6 +3,7 @@
     uv run python benchmarks/z_image.py                 # CPU: 4 layers of width 768, 512x512, 128 caption tokens
     uv run python benchmarks/z_image.py --full          # GPU: Z-Image-Turbo at its released size (random weights),
                                                         # 1024x1024 in 8 steps, against diffusers' ZImagePipeline
+    uv run python benchmarks/z_image.py --full --tiny   # the same rows on the tiny test models (a CPU smoke run)
 
 The step is one transformer call on the latents of a ``--size`` image and ``--text-tokens`` caption tokens plus the
 Euler update; both models run in this process, alternately, and each row is the median of ``--repeats`` steps.
@@ -210,14 +211,22 @@ def load_diffusers(folder: Path, device: torch.device, fp8: bool):
 
 def whole_images(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    if device.type != "cuda":
-        raise SystemExit("--full needs a CUDA GPU (about 24 GB of weights in bfloat16)")
+    cuda = device.type == "cuda"
+    if not cuda and not args.tiny:
+        raise SystemExit(
+            "--full needs a CUDA GPU (about 24 GB of weights in bfloat16); --tiny runs the rows on the CPU"
+        )
     workdir = tempfile.TemporaryDirectory(dir=args.workdir)
     folder = Path(workdir.name) / "Z-Image-Turbo"
     start = time.perf_counter()
-    write_turbo_repository(folder, device)
+    if args.tiny:  # the tests' tiny repository: a smoke run of these rows, not a measurement
+        from tests.pipelines.z_image_fixtures import write_repo
+
+        write_repo(folder)
+    else:
+        write_turbo_repository(folder, device)
     print(f"wrote a random-weight Z-Image-Turbo in {time.perf_counter() - start:.0f} s")
-    size, steps = args.size or 1024, 8
+    size, steps = args.size or (64 if args.tiny else 1024), 8
     noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
 
     def run_ours(pipe) -> None:
@@ -227,32 +236,39 @@ def whole_images(args: argparse.Namespace) -> None:
         latents = noise.to(device)
         pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=0.0, latents=latents)
 
+    def synchronize() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     rows = {}
     for fp8 in (False, True):
         for name, load, call in (("diffusers", load_diffusers, run_theirs), ("ours", load_ours, run_ours)):
             gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            pipe = load(folder, device, fp8)
-            call(pipe)  # warm-up
-            times = []
-            for _ in range(args.repeats):
-                torch.cuda.synchronize()
-                begin = time.perf_counter()
-                call(pipe)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - begin)
-            rows[f"{name} {'fp8 TE+VAE' if fp8 else 'resident'}"] = (
-                statistics.median(times),
-                torch.cuda.max_memory_allocated(),
-            )
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            before = memory_status()["RssAnon"]
+            with PeakSampler() as sampler:
+                pipe = load(folder, device, fp8)
+                call(pipe)  # warm-up
+                times = []
+                for _ in range(args.repeats):
+                    synchronize()
+                    begin = time.perf_counter()
+                    call(pipe)
+                    synchronize()
+                    times.append(time.perf_counter() - begin)
+            peak = torch.cuda.max_memory_allocated() if cuda else sampler.peak - before
+            rows[f"{name} {'fp8 TE+VAE' if fp8 else 'resident'}"] = (statistics.median(times), peak)
             del pipe
     workdir.cleanup()
+    where = torch.cuda.get_device_name() if cuda else f"the CPU ({os.cpu_count()} cores)"
+    kind = "tiny smoke run" if args.tiny else "released size, random weights"
     print(
-        f"Z-Image-Turbo, {size}x{size}, {steps} steps, no CFG, bfloat16 on {torch.cuda.get_device_name()}; "
-        f"torch {torch.__version__}"
+        f"Z-Image-Turbo ({kind}), {size}x{size}, {steps} steps, no CFG, bfloat16 on {where}; torch {torch.__version__}"
     )
-    print(f"{'pipeline':<24} {'s/image':>8} {'x diffusers':>12} {'CUDA peak GiB':>14}")
+    memory = "CUDA peak GiB" if cuda else "peak anon GiB"
+    print(f"{'pipeline':<24} {'s/image':>8} {'x diffusers':>12} {memory:>14}")
     for name, (seconds, peak) in rows.items():
         baseline = rows[f"diffusers {name.split(' ', 1)[1]}"][0]
         print(f"{name:<24} {seconds:>8.2f} {seconds / baseline:>12.2f} {peak / 1024**3:>14.2f}")
@@ -269,6 +285,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--workdir", default=None, help="where --full writes its temporary repository")
+    parser.add_argument("--tiny", action="store_true", help="with --full: the tiny test models, a CPU smoke run")
     args = parser.parse_args()
     if args.full:
         whole_images(args)
