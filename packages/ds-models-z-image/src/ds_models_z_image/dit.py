@@ -21,7 +21,7 @@ image patch ``(r, c)`` at ``(caption_len_padded + 1, r, c)``, image padding at `
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -286,15 +286,27 @@ class ZImageBlock(nn.Module):
         self.ffn_norm2 = RMSNorm(dim, eps=eps)
         self.adaLN_modulation = nn.Sequential(nn.Linear(config.adaln_dim, 4 * dim)) if modulation else None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        adaln: torch.Tensor | None = None,
+        adaln_clean: torch.Tensor | None = None,
+        noise_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``x``: ``(B, L, dim)``; ``freqs``: ``(L, head_dim // 2)`` or ``(B, L, head_dim // 2)`` complex;
-        ``adaln``: ``(B, adaln_dim)``, required by a modulated block."""
+        ``adaln``: ``(B, adaln_dim)``, required by a modulated block. Omni: ``adaln_clean`` (the embedding of t = 1)
+        and ``noise_mask`` ``(B, L)`` bool modulate each token by ``adaln`` where the mask is True (noisy tokens)
+        and by ``adaln_clean`` elsewhere (clean reference tokens)."""
         if self.adaLN_modulation is None:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), freqs))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         if adaln is None:
             raise ValueError("a modulated Z-Image block needs the timestep embedding (adaln)")
-        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
+        modulation = self.adaLN_modulation(adaln)[:, None]
+        if noise_mask is not None:
+            modulation = torch.where(noise_mask[..., None], modulation, self.adaLN_modulation(adaln_clean)[:, None])
+        scale_msa, gate_msa, scale_mlp, gate_mlp = modulation.chunk(4, dim=-1)
         attn = self.attention(modulate(self.attention_norm1(x), None, scale_msa), freqs)
         x = gated_residual(x, self.attention_norm2(attn), gate_msa.tanh())
         ffn = self.feed_forward(modulate(self.ffn_norm1(x), None, scale_mlp))
@@ -323,8 +335,16 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
 
-    def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        adaln: torch.Tensor,
+        adaln_clean: torch.Tensor | None = None,
+        noise_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         scale = self.adaLN_modulation(adaln)[:, None]
+        if noise_mask is not None:
+            scale = torch.where(noise_mask[..., None], scale, self.adaLN_modulation(adaln_clean)[:, None])
         return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=FINAL_NORM_EPS), None, scale))
 
 
@@ -406,8 +426,16 @@ class ZImageDiT(nn.Module):
         text_mask: torch.Tensor | None = None,
         controlnet_hints: Mapping[int, torch.Tensor] | None = None,
         controlnet_refiner_hints: Mapping[int, torch.Tensor] | None = None,
+        reference_latents: Sequence[Sequence[torch.Tensor]] | None = None,
+        siglip_features: Sequence[Sequence[torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:
         """The model's raw prediction; the flow-matching velocity is its negation.
+
+        Omni (Omni-Base editing and generation): pass ``reference_latents``, one list per sample of clean VAE
+        latents ``(in_channels, h, w)`` (possibly empty), and ``text`` as one list per sample of caption segments
+        ``(L_j, cap_feat_dim)`` (valid tokens only; segment ``j`` of a sample with ``N`` references is clean for
+        ``j < N``, noisy from ``N`` on; see ``forward_omni``). ``siglip_features``: per sample, one SigLIP2 feature
+        grid ``(rows, cols, siglip_feat_dim)`` per reference, or None.
 
         Args:
             latents: ``(B, in_channels, H, W)`` VAE latents (H and W divisible by the patch size 2).
@@ -429,6 +457,10 @@ class ZImageDiT(nn.Module):
         Returns:
             ``(B, in_channels, H, W)`` in the dtype of the computation (that of ``latents``).
         """
+        if reference_latents is not None:
+            if text_mask is not None or controlnet_hints or controlnet_refiner_hints:
+                raise ValueError("ZImageDiT: the omni path takes caption segments, without text_mask or ControlNet")
+            return self.forward_omni(latents, timestep, text, reference_latents, siglip_features)
         b, length = self._check_inputs(latents, timestep, text, text_mask, controlnet_hints)
         groups = caption_groups(text_mask, b, length)
         if len(groups) == 1 and (text_mask is None or bool(text_mask.all())):
@@ -496,6 +528,171 @@ class ZImageDiT(nn.Module):
                 unified = unified + self._hint(hints[index], unified)
         out = self.all_final_layer[self.config.patch_key](unified[:, : grid[0] * grid[1]], adaln)
         return unpatchify(out, (height, width), (p, p), channels_last=True)
+
+    # ------------------------------------------------------------------ Omni
+    def forward_omni(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        captions: Sequence[Sequence[torch.Tensor]],
+        reference_latents: Sequence[Sequence[torch.Tensor]],
+        siglip_features: Sequence[Sequence[torch.Tensor] | None] | None = None,
+    ) -> torch.Tensor:
+        """The Omni-Base forward: reference images (clean) and the noisy target in one sequence.
+
+        Each sample's sequence is ``[caption segments, image latents (references, then the target), SigLIP2 tokens
+        (references, then 32 pad tokens for the target)]``, each item padded to 32. Two timestep embeddings modulate
+        it token by token: the noisy ``timestep`` for the target (its image tokens, its caption segments and its
+        SigLIP padding) and t = 1 for the clean references. Positions are diffusers' ``patchify_and_embed_omni``:
+        caption segment ``j`` starts where the previous ended plus two (its image and SigLIP slots), image ``j`` sits
+        at the frame index where caption segment ``j`` ends, its SigLIP grid one after, stretched to the latent size.
+
+        Args:
+            latents: ``(B, in_channels, H, W)`` the noisy target.
+            timestep: ``(B,)`` the model's t of the target in [0, 1].
+            captions: per sample, ``N + 2`` caption segments ``(L_j, cap_feat_dim)`` (valid tokens) for ``N``
+                references (diffusers' omni prompt template; segment ``j >= N`` is the target's).
+            reference_latents: per sample, ``N`` clean latents ``(in_channels, h, w)``.
+            siglip_features: per sample, ``N`` SigLIP2 grids ``(rows, cols, siglip_feat_dim)`` or None (no SigLIP
+                tokens; also when ``N`` is 0).
+
+        Returns:
+            ``(B, in_channels, H, W)`` the raw prediction for the target.
+        """
+        c = self.config
+        b = latents.shape[0]
+        if latents.ndim != 4 or latents.shape[1] != c.in_channels or tuple(timestep.shape) != (b,):
+            raise ValueError(
+                f"ZImageDiT omni: latents must be (B, {c.in_channels}, H, W) and timestep (B,), got "
+                f"{tuple(latents.shape)} and {tuple(timestep.shape)}"
+            )
+        if (
+            len(captions) != b
+            or len(reference_latents) != b
+            or (siglip_features is not None and len(siglip_features) != b)
+        ):
+            raise ValueError(f"ZImageDiT omni: captions, reference_latents and siglip_features need {b} entries")
+        adaln = self.time_embedding(timestep, latents.dtype)
+        adaln_clean = self.time_embedding(torch.ones_like(timestep), latents.dtype)
+        out = []
+        for i in range(b):
+            sigs = siglip_features[i] if siglip_features is not None else None
+            refs = list(reference_latents[i])
+            if sigs is not None and len(sigs) == 0:
+                sigs = None
+            if sigs is not None and (c.siglip_feat_dim is None or len(sigs) != len(refs)):
+                raise ValueError(
+                    "ZImageDiT omni: SigLIP features need a DiT with siglip_feat_dim and one grid per reference "
+                    f"(sample {i}: {len(sigs)} grids, {len(refs)} references)"
+                )
+            if len(captions[i]) < len(refs) + 1:
+                raise ValueError(
+                    f"ZImageDiT omni: sample {i} has {len(refs)} references and {len(captions[i])} caption segments; "
+                    "the omni template has one per reference plus the target's"
+                )
+            out.append(
+                self._omni_sample(latents[i], adaln[i : i + 1], adaln_clean[i : i + 1], captions[i], refs, sigs)
+            )
+        return torch.stack(out)
+
+    def _omni_sample(
+        self,
+        target: torch.Tensor,
+        adaln: torch.Tensor,
+        adaln_clean: torch.Tensor,
+        segments: Sequence[torch.Tensor],
+        refs: list[torch.Tensor],
+        sigs: Sequence[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        c = self.config
+        p, device, dtype = c.patch_size, target.device, target.dtype
+        images = [ref.to(dtype) for ref in refs] + [target]
+        noisy = [False] * len(refs) + [True]
+
+        # Captions: positions as diffusers lays them out. Each segment's list is its padded length of running
+        # positions followed by (0, 0, 0) once per pad token; the lists are concatenated and cut to the token count,
+        # so a segment after a padded one starts from the previous list's tail.
+        cap_tokens, cap_positions, cap_noise, ends = [], [], [], []
+        start = 1
+        for j, segment in enumerate(segments):
+            length = segment.shape[0]
+            size = padded_length(length)
+            tokens = self.cap_embedder(segment.to(dtype))[None]
+            cap_tokens.append(self._pad(tokens, self.cap_pad_token, size))
+            running = torch.zeros(size, 3, dtype=torch.long, device=device)
+            running[:, 0] = torch.arange(start, start + size, device=device)
+            cap_positions += [running, torch.zeros(size - length, 3, dtype=torch.long, device=device)]
+            cap_noise.append(torch.full((size,), noisy[j] if j < len(noisy) else True, device=device))
+            start += length
+            ends.append(start)
+            start += 2
+        cap = torch.cat(cap_tokens, dim=1)
+        cap_pos = torch.cat(cap_positions)[: cap.shape[1]]
+
+        # Image latents: each padded to 32, at the frame index where its caption segment ends.
+        x_tokens, x_positions, x_noise = [], [], []
+        for j, image in enumerate(images):
+            rows, cols = image.shape[-2] // p, image.shape[-1] // p
+            x_tokens.append(self.embed_image(image[None]))
+            x_positions.append(self._grid_positions(ends[j], rows, cols, x_tokens[-1].shape[1], device))
+            x_noise.append(torch.full((x_tokens[-1].shape[1],), noisy[j], device=device))
+        x = torch.cat(x_tokens, dim=1)
+        x_noise_mask = torch.cat(x_noise)[None]
+        for block in self.noise_refiner:
+            x = block(x, rope_frequencies(torch.cat(x_positions), c), adaln, adaln_clean, x_noise_mask)
+        cap_freqs = rope_frequencies(cap_pos, c)
+        for block in self.context_refiner:
+            cap = block(cap, cap_freqs)
+
+        parts, positions, noise = [cap, x], [cap_pos, torch.cat(x_positions)], [torch.cat(cap_noise), x_noise_mask[0]]
+        if sigs is not None:
+            sig_tokens, sig_positions, sig_noise = [], [], []
+            for j, grid in enumerate(sigs):
+                rows, cols, channels = grid.shape
+                # diffusers flattens the (rows, cols, C) grid as permute(2, 0, 1).reshape(rows * cols, C).
+                flat = grid.to(dtype).permute(2, 0, 1).reshape(rows * cols, channels)
+                tokens = self.siglip_embedder(flat)[None]
+                size = padded_length(rows * cols)
+                sig_tokens.append(self._pad(tokens, self.siglip_pad_token, size))
+                pos = self._grid_positions(ends[j] + 1, rows, cols, size, device).float()
+                # stretched onto the reference's latent size (latent pixels, not patches), truncated to integers
+                pos[:, 1] = pos[:, 1] / max(rows - 1, 1) * (images[j].shape[-2] - 1)
+                pos[:, 2] = pos[:, 2] / max(cols - 1, 1) * (images[j].shape[-1] - 1)
+                sig_positions.append(pos.to(torch.int32).long())
+                sig_noise.append(torch.full((size,), False, device=device))
+            # the target's slot: 32 pad tokens at (0, 0, 0), noisy
+            sig_tokens.append(self.siglip_pad_token.to(x).expand(1, SEQ_MULTIPLE, -1))
+            sig_positions.append(torch.zeros(SEQ_MULTIPLE, 3, dtype=torch.long, device=device))
+            sig_noise.append(torch.full((SEQ_MULTIPLE,), True, device=device))
+            sig = torch.cat(sig_tokens, dim=1)
+            sig_pos = torch.cat(sig_positions)
+            sig_freqs = rope_frequencies(sig_pos, c)
+            for block in self.siglip_refiner:
+                sig = block(sig, sig_freqs)
+            parts.append(sig)
+            positions.append(sig_pos)
+            noise.append(torch.cat(sig_noise))
+
+        unified = torch.cat(parts, dim=1)
+        freqs = rope_frequencies(torch.cat(positions), c)
+        noise_mask = torch.cat(noise)[None]
+        for block in self.layers:
+            unified = block(unified, freqs, adaln, adaln_clean, noise_mask)
+        out = self.all_final_layer[c.patch_key](unified, adaln, adaln_clean, noise_mask)
+        height, width = target.shape[-2:]
+        first = cap.shape[1] + x.shape[1] - x_tokens[-1].shape[1]
+        target_out = out[:, first : first + (height // p) * (width // p)]
+        return unpatchify(target_out, (height, width), (p, p), channels_last=True)[0]
+
+    @staticmethod
+    def _grid_positions(frame: int, rows: int, cols: int, size: int, device: torch.device) -> torch.Tensor:
+        """``(size, 3)``: ``(frame, r, c)`` for the ``rows x cols`` grid, then ``(0, 0, 0)`` for the padding."""
+        positions = torch.zeros(size, 3, dtype=torch.long, device=device)
+        r, c = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
+        positions[: rows * cols, 0] = frame
+        positions[: rows * cols, 1] = r.flatten()
+        positions[: rows * cols, 2] = c.flatten()
+        return positions
 
     @staticmethod
     def _hint(hint: torch.Tensor, unified: torch.Tensor) -> torch.Tensor:
