@@ -1,5 +1,6 @@
 """The folder the docs' code runs in: tiny random-weight models where the presets look for them, a LoRA file, an
-input image, a four-image dataset, and pipeline and training calls shrunk to a CPU-sized run."""
+input image, a four-image dataset, a Z-Image ControlNet file with a pose map and an inpaint mask, and pipeline and
+training calls shrunk to a CPU-sized run."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from ds_vram import read_safetensors_header
 from tests.pipelines.conftest import flux_files  # noqa: F401  (session fixtures, re-exported)
 from tests.pipelines.wan_fixtures import wan_files  # noqa: F401
+from tests.pipelines.z_image_controlnet_fixtures import write_tiny_controlnet
 from tests.pipelines.z_image_fixtures import z_image_files  # noqa: F401
 
 # Keyword arguments each pipeline call is clamped to: the code runs as written, at a size a CPU does in seconds.
@@ -65,17 +67,33 @@ def docs_models(flux_files, wan_files, z_image_files, tmp_path_factory) -> Simpl
         _link(bfl / "flux1-dev.safetensors", base / "black-forest-labs" / repository / file)
     for repository in ("Z-Image-Turbo", "Z-Image"):  # the tiny repository holds every file both presets read
         _link(z_image_files.repo, base / "Tongyi-MAI" / repository)
+    controlnet = write_tiny_controlnet(root)  # the tiny Union 2.1, where its ModelScope id and file name put it
+    _link(controlnet, base / "PAI" / "Z-Image-Turbo-Fun-Controlnet-Union-2.1" / controlnet.name)
     lora = root / "style.safetensors"
     _style_lora(bfl / "flux1-dev.safetensors", lora)
     photo = root / "photo.png"
     Image.linear_gradient("L").resize((64, 64)).convert("RGB").save(photo)
+    pose = root / "pose.png"
+    Image.radial_gradient("L").resize((64, 64)).convert("RGB").save(pose)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # white = repaint: the left half
+    mask.save(root / "mask.png")
     dataset = root / "my-dataset"
     dataset.mkdir()
     for index, color in enumerate(("red", "green", "blue", "white")):
         Image.new("RGB", (32, 32), color).save(dataset / f"{index}.png")
         (dataset / f"{index}.txt").write_text(f"[trigger], a {color} square")
     wan = {folder: getattr(wan_files, name) for folder, name in WAN_FOLDERS.items()}
-    return SimpleNamespace(base=base, lora=lora, photo=photo, dataset=dataset, wan=wan)
+    return SimpleNamespace(
+        base=base,
+        lora=lora,
+        photo=photo,
+        pose=pose,
+        mask=root / "mask.png",
+        controlnet=controlnet,
+        dataset=dataset,
+        wan=wan,
+    )
 
 
 def _shrunk(call, limits: dict[str, int]):
@@ -110,6 +128,9 @@ def docs_sandbox(docs_models, tmp_path, monkeypatch) -> Path:
 
     shutil.copy(docs_models.lora, tmp_path / "style.safetensors")
     shutil.copy(docs_models.photo, tmp_path / "photo.png")
+    shutil.copy(docs_models.pose, tmp_path / "pose.png")
+    shutil.copy(docs_models.mask, tmp_path / "mask.png")
+    _link(docs_models.controlnet, tmp_path / docs_models.controlnet.name)
     shutil.copytree(docs_models.dataset, tmp_path / "my-dataset")
     for folder, repository in docs_models.wan.items():
         _link(repository, tmp_path / folder)

@@ -238,3 +238,30 @@ def test_z_image_lora_training(z_image_files, dataset, tmp_path, monkeypatch):
     assert info.format == "comfyui" and set(info.ranks) == {4}
     with Image.open(output / "sample.png") as image:
         assert image.size == (32, 32)
+
+
+def test_z_image_controlnet(z_image_files, z_image_controlnet_file, tmp_path, monkeypatch):
+    pose, output = tmp_path / "pose.png", tmp_path / "controlled.png"
+    Image.linear_gradient("L").resize((80, 48)).convert("RGB").save(pose)  # any size: resized to the output's
+    arguments = ["--model", z_image_files.repo, "--controlnet", z_image_controlnet_file, "--output", output]
+    arguments += ["--control-image", pose, "--control-type", "Pose", "--control-scale", "0.8", "--control-end", "0.5"]
+    run_example("z_image/controlnet.py", *arguments, *Z_IMAGE_TINY, monkeypatch=monkeypatch)
+    with Image.open(output) as image:
+        assert image.size == (64, 64)
+        parameters = json.loads(image.info["diffsynth"])
+    assert parameters["controlnet"] == [{"type": "pose", "scale": 0.8, "start": 0.0, "end": 0.5}]
+
+
+def test_z_image_controlnet_inpaint(z_image_files, z_image_controlnet_file, tmp_path, monkeypatch):
+    picture, mask, output = tmp_path / "photo.png", tmp_path / "mask.png", tmp_path / "inpainted.png"
+    Image.linear_gradient("L").resize((64, 64)).convert("RGB").save(picture)
+    white_left = Image.new("L", (64, 64), 0)
+    white_left.paste(255, (0, 0, 32, 64))  # repaint the left half
+    white_left.save(mask)
+    arguments = ["--model", z_image_files.repo, "--controlnet", z_image_controlnet_file, "--output", output]
+    arguments += ["--control-image", picture, "--control-type", "inpaint", "--inpaint-mask", mask]
+    namespace = run_example("z_image/controlnet.py", *arguments, *Z_IMAGE_TINY, monkeypatch=monkeypatch)
+    assert namespace["control"].inpaint_mask is not None
+    with Image.open(output) as image:
+        assert image.size == (64, 64)
+        assert json.loads(image.info["diffsynth"])["controlnet"][0]["type"] == "inpaint"
