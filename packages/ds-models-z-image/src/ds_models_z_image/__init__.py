@@ -12,6 +12,7 @@ from ds_models_z_image.dit import (
     padded_length,
     sequence_positions,
 )
+from ds_models_z_image.image_encoder import IMAGE_ENCODER_SPEC, build_image_encoder, siglip2_428m_config
 from ds_models_z_image.presets import PRESETS, ZImagePreset, get_preset
 from ds_models_z_image.schedules import SCHEDULES
 from ds_models_z_image.specs import DIT_SPEC, SPECS, TEXT_ENCODER_SPEC
@@ -27,6 +28,7 @@ from ds_models_z_image.text_encoder import (
 __all__ = [
     "CONTROLNET_SPEC",
     "DIT_SPEC",
+    "IMAGE_ENCODER_SPEC",
     "MAX_PROMPT_TOKENS",
     "PRESETS",
     "SCHEDULES",
@@ -41,6 +43,7 @@ __all__ = [
     "ZImageDiT",
     "ZImageDiTConfig",
     "ZImagePreset",
+    "build_image_encoder",
     "build_text_encoder",
     "caption_groups",
     "encode_prompt",
@@ -49,4 +52,5 @@ __all__ = [
     "padded_length",
     "qwen3_4b_config",
     "sequence_positions",
+    "siglip2_428m_config",
 ]

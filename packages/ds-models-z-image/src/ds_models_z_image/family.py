@@ -5,17 +5,25 @@ from __future__ import annotations
 from dataclasses import replace
 
 from torch import nn
-from transformers import Qwen3Config
+from transformers import Qwen3Config, Siglip2VisionConfig
 
 from ds_loader.families import FamilyDescriptor, LoraNaming, Preset, TokenLayout
 from ds_models_flux import FluxVAE, FluxVAEConfig
 from ds_models_z_image.dit import ZImageDiT, ZImageDiTConfig
+from ds_models_z_image.image_encoder import build_image_encoder, siglip2_428m_config
 from ds_models_z_image.lora import LORA_SIGN, diffusers_lora_names, diffusers_lora_target, layer_from_flat
 from ds_models_z_image.presets import PRESETS, ZImagePreset
 from ds_models_z_image.schedules import SCHEDULES
 from ds_models_z_image.text_encoder import MAX_PROMPT_TOKENS, build_text_encoder, qwen3_4b_config
 
-__all__ = ["FAMILY", "build_components", "build_tiny_components", "tiny_text_encoder_config", "token_layout"]
+__all__ = [
+    "FAMILY",
+    "build_components",
+    "build_tiny_components",
+    "tiny_image_encoder_config",
+    "tiny_text_encoder_config",
+    "token_layout",
+]
 
 
 def _dit_config(preset: Preset) -> ZImageDiTConfig:
@@ -26,13 +34,16 @@ def _dit_config(preset: Preset) -> ZImageDiTConfig:
 
 def build_components(preset: Preset) -> dict[str, nn.Module]:
     """The released DiT, the FLUX.1 VAE and the Qwen3-4B text encoder of ``preset``, built in the caller's device
-    context. Omni-Base's SigLIP2 image encoder (``siglip/``) is not built: the DiT's SigLIP path is there, its
-    encoder is not implemented yet."""
-    return {
-        "dit": ZImageDiT(_dit_config(preset)),
+    context, and for Omni-Base its SigLIP2 image encoder (``image_encoder``, ``siglip/``)."""
+    config = _dit_config(preset)
+    components: dict[str, nn.Module] = {
+        "dit": ZImageDiT(config),
         "vae": FluxVAE(FluxVAEConfig.flux1()),
         "text_encoder": build_text_encoder(qwen3_4b_config()),
     }
+    if config.siglip_feat_dim is not None:
+        components["image_encoder"] = build_image_encoder(siglip2_428m_config())
+    return components
 
 
 def tiny_text_encoder_config(hidden_size: int = 32) -> Qwen3Config:
@@ -51,17 +62,32 @@ def tiny_text_encoder_config(hidden_size: int = 32) -> Qwen3Config:
     )
 
 
+def tiny_image_encoder_config(hidden_size: int = 24) -> Siglip2VisionConfig:
+    """A SigLIP2 vision encoder at test size: 2 layers of 2 heads, patch 16, 16 position embeddings."""
+    return Siglip2VisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_patches=16,
+        patch_size=16,
+    )
+
+
 def build_tiny_components(preset: Preset) -> dict[str, nn.Module]:
     """``build_components`` at test size: the same architectures (Omni-Base's tiny DiT keeps its SigLIP path)."""
     released = _dit_config(preset)
     dit_config = ZImageDiTConfig.tiny()
     if released.siglip_feat_dim is not None:
         dit_config = replace(dit_config, siglip_feat_dim=24)
-    return {
+    components: dict[str, nn.Module] = {
         "dit": ZImageDiT(dit_config),
         "vae": FluxVAE(FluxVAEConfig.tiny()),
         "text_encoder": build_text_encoder(tiny_text_encoder_config(dit_config.cap_feat_dim)),
     }
+    if dit_config.siglip_feat_dim is not None:
+        components["image_encoder"] = build_image_encoder(tiny_image_encoder_config(dit_config.siglip_feat_dim))
+    return components
 
 
 def token_layout(preset: Preset) -> TokenLayout:
@@ -82,6 +108,7 @@ FAMILY = FamilyDescriptor(
         "flux.1.vae": "vae",
         "z-image.text_encoder": "text_encoder",
         "z-image.controlnet": "controlnet",
+        "z-image.image_encoder": "image_encoder",
     },
     diffusers_classes=(
         "ZImagePipeline",

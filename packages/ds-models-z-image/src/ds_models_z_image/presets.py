@@ -2,8 +2,9 @@
 
 Every Tongyi-MAI repository is a diffusers-layout folder: the DiT in ``transformer/`` (sharded safetensors with the
 official names), the Qwen3-4B text encoder in ``text_encoder/`` (sharded), the FLUX.1 VAE as a diffusers
-``AutoencoderKL`` in ``vae/diffusion_pytorch_model.safetensors`` and the Qwen2 tokenizer in ``tokenizer/``. Base and
-Omni-Base take their text encoder, VAE and tokenizer from Z-Image-Turbo (the same Qwen3-4B and FLUX.1 VAE), as
+``AutoencoderKL`` in ``vae/diffusion_pytorch_model.safetensors`` and the Qwen2 tokenizer in ``tokenizer/``;
+Omni-Base adds its SigLIP2 image encoder in ``siglip/model.safetensors``. Base and Omni-Base take their text
+encoder, VAE and tokenizer from Z-Image-Turbo (the same Qwen3-4B and FLUX.1 VAE), as
 DiffSynth-Studio's examples do (``examples/z_image/model_inference/Z-Image.py``, ``Z-Image-Omni-Base.py``). The
 ModelScope ids are the Hugging Face ones (DiffSynth-Studio, whose default source is ModelScope, downloads them under
 these ids).
@@ -27,9 +28,10 @@ from dataclasses import dataclass
 
 from ds_loader.families import Preset, PresetFile
 
-__all__ = ["COMPONENTS", "PRESETS", "ZImagePreset", "get_preset"]
+__all__ = ["COMPONENTS", "OPTIONAL_COMPONENTS", "PRESETS", "ZImagePreset", "get_preset"]
 
 COMPONENTS = ("dit", "vae", "text_encoder", "tokenizer")
+OPTIONAL_COMPONENTS = ("image_encoder",)  # Omni-Base's SigLIP2 encoder
 TURBO = "Tongyi-MAI/Z-Image-Turbo"
 BASE = "Tongyi-MAI/Z-Image"
 OMNI_BASE = "Tongyi-MAI/Z-Image-Omni-Base"
@@ -47,8 +49,11 @@ class ZImagePreset(Preset):
     dit_config: str | None = None
 
     def __post_init__(self) -> None:
-        if set(self.files) != set(COMPONENTS):
-            raise ValueError(f"preset {self.name!r}: files must name {COMPONENTS}, got {sorted(self.files)}")
+        if not set(COMPONENTS) <= set(self.files) <= {*COMPONENTS, *OPTIONAL_COMPONENTS}:
+            raise ValueError(
+                f"preset {self.name!r}: files must name {COMPONENTS} (and may name {OPTIONAL_COMPONENTS}), got "
+                f"{sorted(self.files)}"
+            )
 
 
 def _preset(name: str, repo: str, dit_config: str, steps: int, cfg_scale: float, description: str) -> ZImagePreset:
@@ -65,6 +70,8 @@ def _preset(name: str, repo: str, dit_config: str, steps: int, cfg_scale: float,
         "height": 1024,
         "width": 1024,
     }
+    if dit_config == "omni-base":
+        files["image_encoder"] = PresetFile(repo, "siglip/model.safetensors")
     return ZImagePreset(name, files, sampling, description=description, dit_config=dit_config)
 
 

@@ -7,6 +7,7 @@ The VAE is FLUX.1's (``ds_models_flux.VAE_SPEC``, ``"flux.1.vae"``), which alrea
 - DiT: ``official`` (``transformer/*.safetensors``, also diffusers' ``ZImageTransformer2DModel``), ``prefixed``
   (the same under ``model.diffusion_model.``), ``comfyui`` (ComfyUI's fused-qkv layout, prefix optional), each
   also ``-fp8``; see ``converters``.
+- Omni-Base's SigLIP2 image encoder (``siglip/model.safetensors``): see ``image_encoder``.
 - Text encoder: ``transformers`` (``Qwen3ForCausalLM`` keys ``model.*``, ``lm_head`` dropped) and ``qwen3-model``
   (``Qwen3Model`` keys without the prefix).
 """
@@ -22,6 +23,7 @@ from ds_loader import Detection, HeaderView, Mismatch, ModelSpec, Recipe, drop, 
 from ds_models_z_image.controlnet import CONTROLNET_SPEC
 from ds_models_z_image.converters import COMFY_PREFIX, FP8_DTYPES, dit_recipe
 from ds_models_z_image.dit import ZImageDiT, ZImageDiTConfig
+from ds_models_z_image.image_encoder import IMAGE_ENCODER_SPEC
 from ds_models_z_image.text_encoder import qwen3_config_from_shapes
 
 __all__ = [
@@ -184,4 +186,4 @@ TEXT_ENCODER_SPEC = ModelSpec(
     formats={"transformers": _TEXT_ENCODER_RECIPE, "qwen3-model": Recipe(drop(r"lm_head\.weight"))},
     build=build_text_encoder_for_loader,
 )
-SPECS = (DIT_SPEC, TEXT_ENCODER_SPEC, CONTROLNET_SPEC)
+SPECS = (DIT_SPEC, TEXT_ENCODER_SPEC, CONTROLNET_SPEC, IMAGE_ENCODER_SPEC)

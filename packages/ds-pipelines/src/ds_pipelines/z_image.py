@@ -107,7 +107,13 @@ class ZImagePipeline(Pipeline):
     def folder_sources(cls, folder: Path) -> dict[str, object]:
         """Tongyi-MAI's repositories are diffusers folders: ``transformer/``, ``text_encoder/``, ``vae/``,
         ``tokenizer/``."""
-        names = {"transformer": "dit", "text_encoder": "text_encoder", "vae": "vae", "tokenizer": "tokenizer"}
+        names = {
+            "transformer": "dit",
+            "text_encoder": "text_encoder",
+            "vae": "vae",
+            "tokenizer": "tokenizer",
+            "siglip": "image_encoder",
+        }
         return {name: folder / sub for sub, name in names.items() if (folder / sub).is_dir()}
 
     @classmethod
@@ -126,9 +132,15 @@ class ZImagePipeline(Pipeline):
         from transformers import AutoTokenizer
 
         from ds_models_flux import VAE_SPEC
-        from ds_models_z_image import CONTROLNET_SPEC, DIT_SPEC, TEXT_ENCODER_SPEC
+        from ds_models_z_image import CONTROLNET_SPEC, DIT_SPEC, IMAGE_ENCODER_SPEC, TEXT_ENCODER_SPEC
 
-        specs = {"dit": DIT_SPEC, "vae": VAE_SPEC, "text_encoder": TEXT_ENCODER_SPEC, "controlnet": CONTROLNET_SPEC}
+        specs = {
+            "dit": DIT_SPEC,
+            "vae": VAE_SPEC,
+            "text_encoder": TEXT_ENCODER_SPEC,
+            "controlnet": CONTROLNET_SPEC,
+            "image_encoder": IMAGE_ENCODER_SPEC,
+        }
         components: dict[str, object] = cls.load_models(
             sources, specs, required=cls.required_components, device=device, torch_dtype=torch_dtype, vram=vram
         )
@@ -197,6 +209,15 @@ class ZImagePipeline(Pipeline):
             }
             sigmas = torch.full((1,), 0.5, device=device)
             return cls.predict(module, noise(LATENT_CHANNELS, height // scale, width // scale), sigmas, conditions)
+        if name == "image_encoder":  # Omni-Base's SigLIP2 on a full 256-patch image
+            config = module.config
+            side = math.isqrt(config.num_patches)
+            pixels = noise(side * side, config.num_channels * config.patch_size**2)
+            return module(
+                pixel_values=pixels,
+                pixel_attention_mask=torch.ones(1, side * side, dtype=torch.long, device=device),
+                spatial_shapes=torch.tensor([[side, side]], device=device),
+            ).last_hidden_state
         if name == "vae":
             scale = module.spatial_compression
             return module.decode(noise(module.latent_channels, height // scale, width // scale))
