@@ -1,4 +1,5 @@
-"""Z-Image (Turbo, base) text-to-image and image-to-image, sampled as diffusers' and the official ZImagePipeline do.
+"""Z-Image (Turbo, base, Omni-Base) text-to-image, image-to-image and Omni-Base editing from reference images,
+sampled as diffusers' and the official ZImagePipeline (and ZImageOmniPipeline) do.
 
 The DiT is called at the model's own time ``t = 1 - sigma`` (1 is clean, where flow-matching sigma 0 is) and its
 output is the negative of the flow velocity; ``predict`` hides both, so sampling and training see the usual
@@ -39,6 +40,57 @@ MAX_PROMPT_TOKENS = 512  # the official text length; longer prompts are an error
 class PromptEmbedding:
     text: torch.Tensor  # (B, L, 2560) second-to-last Qwen3 hidden states of the chat-templated prompt
     mask: torch.Tensor  # (B, L) bool, True on the prompt's tokens
+
+
+@dataclass
+class OmniPrompt:
+    """An Omni-Base prompt for ``N`` reference images: the Qwen3 states (valid tokens) of each segment of the omni
+    template, ``N + 2`` of them (one per reference, then the target's two)."""
+
+    segments: list[torch.Tensor]
+
+
+@dataclass
+class References:
+    """Omni-Base reference images: clean VAE latents ``(16, h, w)`` and SigLIP2 grids ``(rows, cols, C)``."""
+
+    latents: list[torch.Tensor]
+    siglip: list[torch.Tensor]
+
+
+EDIT_MAX_AREA = 1024 * 1024  # a larger reference is resized to this area (or the requested size's), as diffusers does
+EDIT_MULTIPLE = 16  # references are centre-cropped to a multiple of 16 pixels for the VAE
+
+
+def omni_prompt_segments(prompt: str, num_images: int) -> list[str]:
+    """diffusers' omni prompt template for ``num_images`` reference images: one segment up to each reference's
+    ``<|vision_start|>``, the prompt's segment up to the target's, and the closing one; without references the
+    plain user turn."""
+    if num_images == 0:
+        return ["<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n"]
+    segments = ["<|im_start|>user\n<|vision_start|>"]
+    segments += ["<|vision_end|><|vision_start|>"] * (num_images - 1)
+    segments += ["<|vision_end|>" + prompt + "<|im_end|>\n<|im_start|>assistant\n<|vision_start|>"]
+    segments += ["<|vision_end|><|im_end|>"]
+    return segments
+
+
+def prepare_reference(image: Image.Image, height: int | None, width: int | None) -> tuple[Image.Image, Image.Image]:
+    """(the image SigLIP2 sees, the image the VAE encodes): over 1024² pixels (or the requested area) an image is
+    resized to that area (LANCZOS), then the VAE's copy is centre-cropped to a multiple of 16, as diffusers'
+    ZImageOmniPipeline prepares its condition images."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * h > EDIT_MAX_AREA:
+        target = height * width if height is not None and width is not None else EDIT_MAX_AREA
+        scale = math.sqrt(target / (w * h))
+        image = image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+        w, h = image.size
+    cw, ch = w // EDIT_MULTIPLE * EDIT_MULTIPLE, h // EDIT_MULTIPLE * EDIT_MULTIPLE
+    if cw == 0 or ch == 0:
+        raise ValueError(f"edit_image of {w}x{h} pixels is smaller than {EDIT_MULTIPLE}x{EDIT_MULTIPLE}")
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return image, image.crop((left, top, left + cw, top + ch))
 
 
 @functools.cache
@@ -88,7 +140,7 @@ class ZImagePipeline(Pipeline):
     ``controlnet`` (``ZImageControlNet``, the Fun ControlNet Union; load it with ``model_configs``).
     """
 
-    component_names = ("tokenizer", "text_encoder", "dit", "vae", "controlnet")
+    component_names = ("tokenizer", "text_encoder", "dit", "vae", "controlnet", "image_encoder")
     # Turbo, the main release: 8 steps without CFG. Presets override (base: 50 steps, cfg 4).
     default_options: ClassVar[Mapping[str, object]] = {
         "cfg_scale": 1.0,
@@ -166,6 +218,15 @@ class ZImagePipeline(Pipeline):
         optionally ``controlnet_hints`` and ``controlnet_refiner_hints``. The DiT runs at its own time ``1 - sigma``
         and predicts ``x0 - noise``, so its output is negated. Returns (B, 16, H, W) in the DiT's dtype."""
         timestep = (1 - sigmas.float()).to(latents.device)
+        if "reference_latents" in conditions:  # Omni-Base: caption segments, clean references, SigLIP2 features
+            output = model(
+                latents,
+                timestep,
+                conditions["text"],
+                reference_latents=conditions["reference_latents"],
+                siglip_features=conditions.get("siglip_features"),
+            )
+            return -output
         mask = conditions.get("text_mask")
         if mask is not None and mask.dtype != torch.bool:  # a batch cast to the training dtype carries it as 0/1
             mask = mask > 0.5
@@ -236,6 +297,40 @@ class ZImagePipeline(Pipeline):
             self.text_encoder, self.tokenizer, prompts, max_length=MAX_PROMPT_TOKENS, device=self.device
         )
         return PromptEmbedding(text.to(self.device, self.torch_dtype), mask.to(self.device))
+
+    @pipeline_step("text_encoder")
+    def encode_omni_prompt(self, prompt: str, num_images: int) -> OmniPrompt:
+        """The omni template's segments for ``num_images`` references, each encoded alone (second-to-last Qwen3
+        hidden states, valid tokens); a segment over 512 tokens is a ValueError."""
+        from ds_models_z_image.text_encoder import PromptTooLongError
+
+        segments = []
+        for index, text in enumerate(omni_prompt_segments(prompt, num_images)):
+            ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+            if ids.shape[1] > MAX_PROMPT_TOKENS:
+                raise PromptTooLongError(
+                    f"omni prompt segment {index} is {ids.shape[1]} tokens; Z-Image reads at most {MAX_PROMPT_TOKENS}"
+                )
+            ids = ids.to(self.device)
+            mask = torch.ones_like(ids, dtype=torch.bool)
+            hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            segments.append(hidden[-2][0].to(self.device, self.torch_dtype))
+        return OmniPrompt(segments)
+
+    @pipeline_step("vae", "image_encoder")
+    def encode_references(self, images: list[Image.Image], height: int | None, width: int | None) -> References:
+        """Clean VAE latents and SigLIP2 features of each reference image (see ``prepare_reference``)."""
+        from ds_models_z_image.image_encoder import encode_reference, image_processor
+
+        encoder = self.image_encoder
+        processor = image_processor(max_num_patches=unwrap_model(encoder).config.num_patches)
+        latents, siglip = [], []
+        for image in images:
+            seen, cropped = prepare_reference(image, height, width)
+            pixels = image_to_tensor(cropped).to(self.device, self.torch_dtype)
+            latents.append(self.vae.encode(pixels)[0].to(self.torch_dtype))
+            siglip.append(encode_reference(encoder, processor, seen, self.device).to(self.torch_dtype))
+        return References(latents, siglip)
 
     @pipeline_step("vae")
     def encode_image(
@@ -323,6 +418,7 @@ class ZImagePipeline(Pipeline):
         cfg_truncation: float = 1.0,
         cfg_normalization: float | bool = False,
         controls: tuple[tuple[ControlNetInput, torch.Tensor], ...] = (),
+        references: References | None = None,
     ) -> torch.Tensor:
         """Run the sampler from float32 ``latents`` (B, 16, h, w) at ``scheduler.sigmas[0]`` down to sigma 0.
 
@@ -332,8 +428,8 @@ class ZImagePipeline(Pipeline):
         (input, control latents) pairs; the ControlNet runs for each branch at the steps in its window.
         """
         batch = latents.shape[0]
-        conditional = {"text": prompt.text, "text_mask": prompt.mask}
-        unconditional = None if negative is None else {"text": negative.text, "text_mask": negative.mask}
+        conditional = self._conditions(prompt, references, batch)
+        unconditional = None if negative is None else self._conditions(negative, references, batch)
         steps = scheduler.timesteps
         for index, sigma in enumerate(self.progress(steps, desc="denoising")):
             sigmas = torch.full((batch,), float(sigma), device=self.device)
@@ -347,6 +443,17 @@ class ZImagePipeline(Pipeline):
             latents = scheduler.step(velocity, index, latents)
             self.check_finite(latents, index, len(steps))
         return latents
+
+    @staticmethod
+    def _conditions(prompt: PromptEmbedding | OmniPrompt, references: References | None, batch: int) -> dict:
+        if isinstance(prompt, PromptEmbedding):
+            return {"text": prompt.text, "text_mask": prompt.mask}
+        refs = references or References([], [])
+        return {
+            "text": [prompt.segments] * batch,
+            "reference_latents": [refs.latents] * batch,
+            "siglip_features": [refs.siglip or None] * batch,
+        }
 
     @pipeline_step("vae")
     def decode(
@@ -387,10 +494,17 @@ class ZImagePipeline(Pipeline):
         ``cfg_scale``: ``neg + s * (pos - neg)``, off at 1 (diffusers' ``guidance_scale`` is ``s - 1``); below 1 is
         an error. ``cfg_truncation``: CFG stops once ``1 - sigma`` passes it (1: never). ``cfg_normalization``: the
         guided velocity's norm is capped at the conditional one's times this factor (False/0: off; True: 1).
-        ``noise``: (1, 16, height // 8, width // 8). ``edit_image`` is for Omni-Base. ``controlnet_inputs``: one or
+        ``noise``: (1, 16, height // 8, width // 8). ``edit_image``: one or more reference images for Omni-Base (its
+        DiT and SigLIP2 ``image_encoder``), encoded as clean VAE latents and SigLIP2 features with diffusers' omni
+        prompt template; an unset height or width is then the last reference's. ``controlnet_inputs``: one or
         more ``ControlNetInput`` for the loaded ``controlnet`` (the Fun ControlNet Union: canny, depth, pose, HED,
         ... maps, and with 2.x an inpaint mask); their hints add up.
         """
+        edits = self._check_edit_image(edit_image)
+        if edits:
+            # As diffusers' omni pipeline: an unset height or width is the last reference's (cropped) size.
+            _, last = prepare_reference(edits[-1], height, width)
+            height, width = height or last.height, width or last.width
         cfg_scale, height, width, num_inference_steps, sigma_shift = self.sampling_options(
             cfg_scale=cfg_scale,
             height=height,
@@ -400,9 +514,12 @@ class ZImagePipeline(Pipeline):
         ).values()
         check_size(height, width)
         self._check_options(cfg_scale, cfg_truncation, cfg_normalization, denoising_strength, input_image)
-        self._check_edit_image(edit_image)
         controls = as_controlnet_inputs(controlnet_inputs)
-        self.require(*self.required_components, *(("controlnet",) if controls else ()))
+        if edits and controls:
+            raise ValueError("edit_image and controlnet_inputs cannot be combined (Omni-Base has no ControlNet)")
+        self.require(
+            *self.required_components, *(("controlnet",) if controls else ()), *(("image_encoder",) if edits else ())
+        )
         for i, control in enumerate(controls):
             if control.controlnet_id != 0:
                 raise ValueError(
@@ -418,8 +535,14 @@ class ZImagePipeline(Pipeline):
         scheduler = FlowMatchScheduler("z-image")
         scheduler.set_timesteps(num_inference_steps, denoising_strength=denoising_strength, sigma_shift=sigma_shift)
 
-        positive = self.encode_prompt(prompt)
-        negative = self.encode_prompt(negative_prompt) if cfg_scale != 1.0 else None
+        references = None
+        if edits:
+            references = self.encode_references(edits, height, width)
+            positive = self.encode_omni_prompt(prompt, len(edits))
+            negative = self.encode_omni_prompt(negative_prompt, len(edits)) if cfg_scale != 1.0 else None
+        else:
+            positive = self.encode_prompt(prompt)
+            negative = self.encode_prompt(negative_prompt) if cfg_scale != 1.0 else None
 
         latents = noise
         if input_image is not None:
@@ -431,7 +554,7 @@ class ZImagePipeline(Pipeline):
         tiles = dict(tile_size=tile_size, tile_overlap=tile_overlap)
         contexts = tuple((c, self.encode_control(c, height, width, tiled, **tiles)) for c in controls)
         latents = self.denoise(
-            latents, positive, negative, scheduler, cfg_scale, cfg_truncation, cfg_normalization, contexts
+            latents, positive, negative, scheduler, cfg_scale, cfg_truncation, cfg_normalization, contexts, references
         )
         pixels = self.decode(latents, tiled, tile_size, tile_overlap)
         self.load_models_to_device(())
@@ -448,6 +571,7 @@ class ZImagePipeline(Pipeline):
                 "size": f"{width}x{height}",
                 "denoising_strength": denoising_strength if input_image else None,
                 "sigma_shift": sigma_shift,
+                "edit_images": len(edits) or None,
                 "controlnet": [
                     {"type": c.control_type, "scale": c.scale, "start": c.start, "end": c.end} for c in controls
                 ]
@@ -478,16 +602,25 @@ class ZImagePipeline(Pipeline):
         if denoising_strength != 1.0 and input_image is None:
             raise ValueError("denoising_strength != 1 needs an input_image to start from; pass input_image=...")
 
-    def _check_edit_image(self, edit_image: object) -> None:
+    def _check_edit_image(self, edit_image: object) -> list[Image.Image]:
+        """The reference images as a list ([] for None); an error unless the DiT is Omni-Base's."""
         if edit_image is None:
-            return
+            return []
+        edits = list(edit_image) if isinstance(edit_image, list | tuple) else [edit_image]
+        if not edits or not all(isinstance(image, Image.Image) for image in edits):
+            raise ValueError("edit_image must be a PIL image or a non-empty list of PIL images")
         config = unwrap_model(self._components["dit"]).config if self._components.get("dit") is not None else None
         if getattr(config, "siglip_feat_dim", None) is None:
             raise ValueError(
                 "edit_image needs Z-Image-Omni-Base (a DiT with the SigLIP image path); the loaded DiT has none, so "
                 "it cannot take reference images. Use input_image with denoising_strength for image-to-image"
             )
-        raise NotImplementedError("edit_image: Omni-Base editing is not implemented in this pipeline yet")
+        if self._components.get("image_encoder") is None:
+            raise ValueError(
+                "edit_image needs Omni-Base's SigLIP2 image encoder (image_encoder, siglip/model.safetensors); load "
+                "the z-image-omni-base preset or pass it in model_configs"
+            )
+        return edits
 
 
 def _folder(source: object) -> Path:
