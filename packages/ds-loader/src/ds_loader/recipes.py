@@ -19,6 +19,7 @@ from ds_loader.errors import RecipeError
 from ds_vram.sources import TensorInfo, WeightSource
 
 __all__ = [
+    "FP8_DTYPES",
     "Concat",
     "ConvertedSource",
     "Expr",
@@ -28,6 +29,7 @@ __all__ = [
     "Rule",
     "Slice",
     "SwapHalves",
+    "Upcast",
     "drop",
     "fuse",
     "rename",
@@ -163,6 +165,29 @@ class SwapHalves(Expr):
     def evaluate(self, source: WeightSource) -> torch.Tensor:
         first, second = self.expr.evaluate(source).chunk(2, dim=self.dim)
         return torch.cat([second, first], dim=self.dim)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class Upcast(Expr):
+    """A source tensor cast from FP8 to ``dtype`` when it is stored in FP8 (unchanged otherwise): how every family
+    reads FP8 repacks of its checkpoints (exact for e4m3fn into bfloat16), one tensor at a time."""
+
+    expr: Expr
+    dtype: torch.dtype = torch.bfloat16
+
+    def sources(self) -> tuple[str, ...]:
+        return self.expr.sources()
+
+    def info(self, source: WeightSource) -> TensorInfo:
+        inner = self.expr.info(source)
+        return TensorInfo(self.dtype, inner.shape) if inner.dtype in FP8_DTYPES else inner
+
+    def evaluate(self, source: WeightSource) -> torch.Tensor:
+        tensor = self.expr.evaluate(source)
+        return tensor.to(self.dtype) if tensor.dtype in FP8_DTYPES else tensor
 
 
 def _dim(info: TensorInfo, dim: int, expr: Expr) -> int:

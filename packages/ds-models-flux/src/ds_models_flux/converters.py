@@ -9,14 +9,20 @@ which represents every e4m3fn value exactly; ``load_model(torch_dtype=...)`` or 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 
 from ds_loader import Recipe, drop, fuse, rename, rule, strip_prefix, swap_halves
-from ds_loader.recipes import Expr, Key, KeyInfo, Reshape, Rule
-from ds_vram import TensorInfo, WeightSource
+from ds_loader.recipes import (
+    FP8_DTYPES,
+    Expr,
+    Key,
+    KeyInfo,
+    Reshape,
+    Rule,
+    Upcast,
+)
 
 __all__ = [
     "COMFY_DIT_PREFIX",
@@ -33,27 +39,6 @@ __all__ = [
 COMFY_DIT_PREFIX = "model.diffusion_model."
 # ComfyUI all-in-one checkpoints ("vae.") and Stable-Diffusion-style full checkpoints ("first_stage_model.").
 COMFY_VAE_PREFIXES = ("vae.", "first_stage_model.")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-UPCAST_DTYPE = torch.bfloat16
-
-
-@dataclass(frozen=True)
-class Upcast(Expr):
-    """A source tensor, cast from FP8 to ``dtype`` when stored in FP8 (unchanged otherwise)."""
-
-    expr: Expr
-    dtype: torch.dtype = UPCAST_DTYPE
-
-    def sources(self) -> tuple[str, ...]:
-        return self.expr.sources()
-
-    def info(self, source: WeightSource) -> TensorInfo:
-        inner = self.expr.info(source)
-        return TensorInfo(self.dtype, inner.shape) if inner.dtype in FP8_DTYPES else inner
-
-    def evaluate(self, source: WeightSource) -> torch.Tensor:
-        tensor = self.expr.evaluate(source)
-        return tensor.to(self.dtype) if tensor.dtype in FP8_DTYPES else tensor
 
 
 def _upcast_all(prefix: str = "") -> Rule:

@@ -18,38 +18,14 @@ storage streams converted checkpoints too.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
-import torch
 
 from ds_loader import Recipe, drop, rename, rule, split, strip_prefix
-from ds_loader.recipes import Expr, Key, Rule
-from ds_vram import TensorInfo, WeightSource
+from ds_loader.recipes import FP8_DTYPES, Expr, Key, Rule, Upcast
 
 __all__ = ["COMFY_DIT_PREFIX", "DIT_FORMATS", "FP8_DTYPES", "Upcast", "dit_recipe"]
 
 COMFY_DIT_PREFIX = "model.diffusion_model."
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-UPCAST_DTYPE = torch.bfloat16
 DIT_FORMATS = ("official", "official-fp8", "comfyui", "comfyui-fp8", "diffusers")
-
-
-@dataclass(frozen=True)
-class Upcast(Expr):
-    """A source tensor, cast from FP8 to bfloat16 when stored in FP8 (unchanged otherwise)."""
-
-    expr: Expr
-
-    def sources(self) -> tuple[str, ...]:
-        return self.expr.sources()
-
-    def info(self, source: WeightSource) -> TensorInfo:
-        inner = self.expr.info(source)
-        return TensorInfo(UPCAST_DTYPE, inner.shape) if inner.dtype in FP8_DTYPES else inner
-
-    def evaluate(self, source: WeightSource) -> torch.Tensor:
-        tensor = self.expr.evaluate(source)
-        return tensor.to(UPCAST_DTYPE) if tensor.dtype in FP8_DTYPES else tensor
 
 
 def _upcast_all(prefix: str = "") -> Rule:

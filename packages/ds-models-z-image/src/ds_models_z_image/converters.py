@@ -16,39 +16,21 @@ tensor when asked for, so ds-vram disk storage streams converted checkpoints too
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
-import torch
 
 from ds_loader import Recipe, drop, rule
-from ds_loader.recipes import Expr, Key, KeyInfo, Slice
-from ds_vram import TensorInfo, WeightSource
+from ds_loader.recipes import (
+    FP8_DTYPES,
+    Expr,
+    Key,
+    KeyInfo,
+    Slice,
+    Upcast,
+)
 
 __all__ = ["COMFY_PREFIX", "FORMATS", "FP8_DTYPES", "Upcast", "dit_recipe"]
 
 COMFY_PREFIX = "model.diffusion_model."
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-UPCAST_DTYPE = torch.bfloat16
 FORMATS = ("official", "official-fp8", "prefixed", "prefixed-fp8", "comfyui", "comfyui-fp8")
-
-
-@dataclass(frozen=True)
-class Upcast(Expr):
-    """A source tensor, cast from FP8 to ``dtype`` when stored in FP8 (unchanged otherwise)."""
-
-    expr: Expr
-    dtype: torch.dtype = UPCAST_DTYPE
-
-    def sources(self) -> tuple[str, ...]:
-        return self.expr.sources()
-
-    def info(self, source: WeightSource) -> TensorInfo:
-        inner = self.expr.info(source)
-        return TensorInfo(self.dtype, inner.shape) if inner.dtype in FP8_DTYPES else inner
-
-    def evaluate(self, source: WeightSource) -> torch.Tensor:
-        tensor = self.expr.evaluate(source)
-        return tensor.to(self.dtype) if tensor.dtype in FP8_DTYPES else tensor
 
 
 # ComfyUI (NextDiT) name -> official name, after the prefix; each a full match.
