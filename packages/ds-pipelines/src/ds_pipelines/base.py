@@ -218,8 +218,9 @@ class Pipeline:
 
     @classmethod
     def tokenizer_name(cls, folder: Path) -> str | None:
-        """The tokenizer component a folder in a ``model_configs`` list is (None: not a tokenizer)."""
-        return None
+        """The tokenizer component a folder in a ``model_configs`` list is (None: not a tokenizer): by default a folder
+        holding ``tokenizer_config.json`` is the ``tokenizer``; families with several tokenizers say which is which."""
+        return "tokenizer" if (folder / "tokenizer_config.json").is_file() else None
 
     @classmethod
     def named_sources(cls, model_configs: Mapping[str, object] | Iterable[object] | None) -> dict[str, Any]:

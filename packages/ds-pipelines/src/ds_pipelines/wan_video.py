@@ -116,10 +116,6 @@ class WanVideoPipeline(Pipeline):
         return folder_sources(folder)
 
     @classmethod
-    def tokenizer_name(cls, folder: Path) -> str | None:
-        return "tokenizer" if (folder / "tokenizer_config.json").is_file() else None
-
-    @classmethod
     def load_components(
         cls,
         sources: Mapping[str, object],

@@ -169,10 +169,6 @@ class ZImagePipeline(Pipeline):
         return {name: folder / sub for sub, name in names.items() if (folder / sub).is_dir()}
 
     @classmethod
-    def tokenizer_name(cls, folder: Path) -> str | None:
-        return "tokenizer" if (folder / "tokenizer_config.json").is_file() else None
-
-    @classmethod
     def load_components(
         cls,
         sources: Mapping[str, object],

@@ -172,7 +172,10 @@ class TrainingConfig:
         if not isinstance(self.frame_stride, int) or self.frame_stride < 1:
             raise ValueError(f"TrainingConfig.frame_stride={self.frame_stride!r} must be an integer >= 1")
         if self.family is not None and (not isinstance(self.family, str) or not self.family):
-            raise ValueError(f"TrainingConfig.family={self.family!r}; use a family id such as 'flux.1', or None")
+            raise ValueError(
+                f"TrainingConfig.family={self.family!r}; use a registered family's id (ds_pipelines.list_families()) "
+                "or None"
+            )
         if not isinstance(self.family_options, Mapping) or not all(isinstance(k, str) for k in self.family_options):
             raise ValueError(
                 f"TrainingConfig.family_options={self.family_options!r} must map option names to values, "

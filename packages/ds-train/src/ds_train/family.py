@@ -136,8 +136,8 @@ class TrainingAdapter:
         reference: torch.Tensor | None = None,
     ) -> Any:
         """One sample during training; ``reference`` is a dataset item's pixels (image-to-video models start from
-        its first frame)."""
-        raise NotImplementedError
+        its first frame). The default is a plain text-to-image call, which image families need not override."""
+        return pipe(prompt, seed=seed, height=height, width=width, num_inference_steps=steps)
 
     def save_sample(self, result: Any, stem: Path) -> Path:
         path = stem.with_suffix(".png")

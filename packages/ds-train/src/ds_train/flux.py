@@ -101,16 +101,3 @@ class FluxTrainingAdapter(TrainingAdapter):
         latents = torch.randn(batch, config.out_channels // 4, *latent_size, generator=generator)  # 2x2 patches
         text = torch.randn(batch, tokens, config.context_in_dim, generator=generator)
         return latents, {"text": text, "pooled": torch.randn(batch, config.vec_in_dim, generator=generator)}
-
-    def sample(
-        self,
-        pipe: Any,
-        prompt: str,
-        seed: int,
-        height: int,
-        width: int,
-        steps: int,
-        num_frames: int | None = None,
-        reference: torch.Tensor | None = None,
-    ) -> Any:
-        return pipe(prompt, seed=seed, height=height, width=width, num_inference_steps=steps)

@@ -87,16 +87,3 @@ class ZImageTrainingAdapter(TrainingAdapter):
         latents = torch.randn(batch, config.in_channels, *latent_size, generator=generator)
         text = torch.randn(batch, tokens, config.cap_feat_dim, generator=generator)
         return latents, {"text": text, "text_mask": torch.ones(batch, tokens, dtype=torch.bool)}
-
-    def sample(
-        self,
-        pipe: Any,
-        prompt: str,
-        seed: int,
-        height: int,
-        width: int,
-        steps: int,
-        num_frames: int | None = None,
-        reference: torch.Tensor | None = None,
-    ) -> Any:
-        return pipe(prompt, seed=seed, height=height, width=width, num_inference_steps=steps)
