@@ -54,3 +54,33 @@ def test_denoising_strength_and_no_shift():
 def test_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         flow_match_sigmas(FlowMatchTemplate("dyn", mu_points=((256, 0.5), (4096, 1.15))), **kwargs)
+
+
+@pytest.mark.parametrize(("steps", "sequence_length"), [(30, 6889), (8, 256), (50, 4096)])
+def test_terminal_stretch_matches_diffusers(steps, sequence_length):
+    """diffusers' FlowMatchEulerDiscreteScheduler with Qwen-Image's scheduler_config.json: dynamic exponential shift,
+    then ``stretch_shift_to_terminal`` to 0.02, given sigmas linspace(1, 1/N, N) and mu from the token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    reference = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        base_shift=0.5,
+        max_shift=0.9,
+        shift_terminal=0.02,
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+    )
+    mu = 0.5 + (0.9 - 0.5) / (8192 - 256) * (sequence_length - 256)
+    reference.set_timesteps(sigmas=[1 - i / steps for i in range(steps)], mu=mu)
+    template = FlowMatchTemplate("t", mu_points=((256, 0.5), (8192, 0.9)), shift_terminal=0.02)
+    ours = flow_match_sigmas(template, steps, image_sequence_length=sequence_length)
+    assert ours[-2].item() == pytest.approx(0.02)
+    assert ours[-1].item() == 0
+    torch.testing.assert_close(ours.float(), reference.sigmas.float(), rtol=0, atol=1e-6)
+
+
+def test_terminal_stretch_edges():
+    assert flow_match_sigmas(FlowMatchTemplate("t", shift_terminal=0.02), 1).tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match=r"shift_terminal=1.5 must be in \(0, 1\)"):
+        FlowMatchTemplate("t", shift_terminal=1.5)

@@ -22,7 +22,7 @@ from ds_models_core.rope import (
     rope_split,
     rotate_half,
 )
-from ds_models_core.schedules import FlowMatchTemplate, flow_match_sigmas, shift_sigmas
+from ds_models_core.schedules import FlowMatchTemplate, flow_match_sigmas, shift_sigmas, stretch_to_terminal
 from ds_models_core.tiling import run_tiled
 from ds_models_core.vae import VAE
 
@@ -51,6 +51,7 @@ __all__ = [
     "run_tiled",
     "shift_sigmas",
     "split_modulation",
+    "stretch_to_terminal",
     "timestep_embedding",
     "unpatchify",
 ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FlowMatchTemplate", "flow_match_sigmas", "shift_sigmas"]
+__all__ = ["FlowMatchTemplate", "flow_match_sigmas", "shift_sigmas", "stretch_to_terminal"]
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -35,7 +35,9 @@ class FlowMatchTemplate:
     """A family's schedule: the unshifted grid's top, and either a fixed shift or a mu linear in sequence length.
 
     The grid is ``linspace(sigma_max, 0, N + 1)``; ``drop_terminal`` families (Wan) build ``N + 1`` points and
-    keep ``N`` of them before appending the final 0, as their reference code does.
+    keep ``N`` of them before appending the final 0, as their reference code does. ``shift_terminal`` (Qwen-Image
+    0.02, LTX-2 0.1) stretches the shifted sigmas so the last one before 0 lands on that value: a distance from 0
+    the model was trained to take in one step, which a shift toward the noisy end would otherwise make smaller.
     """
 
     name: str
@@ -43,6 +45,11 @@ class FlowMatchTemplate:
     shift: float | None = None  # a fixed shift
     mu_points: tuple[tuple[int, float], tuple[int, float]] | None = None  # (sequence length, mu) pairs
     drop_terminal: bool = False
+    shift_terminal: float | None = None  # the last nonzero sigma after the stretch
+
+    def __post_init__(self) -> None:
+        if self.shift_terminal is not None and not 0 < self.shift_terminal < 1:
+            raise ValueError(f"FlowMatchTemplate.shift_terminal={self.shift_terminal!r} must be in (0, 1)")
 
     def shift_for(self, image_sequence_length: int | None) -> float:
         """The shift at this image sequence length (tokens of the DiT's image stream); 1 means no shift."""
@@ -80,4 +87,17 @@ def flow_match_sigmas(
     sigmas = shift_sigmas(grid, shift)
     if template.drop_terminal:
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    if template.shift_terminal is not None:
+        sigmas = torch.cat([stretch_to_terminal(sigmas[:-1], template.shift_terminal), sigmas[-1:]])
     return sigmas
+
+
+def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
+    """Scale ``1 - sigma`` so the last sigma becomes ``terminal``, keeping the first (diffusers' ``shift_terminal``).
+
+    A one-point grid at sigma 1 has nothing to stretch (diffusers divides by zero there); it is returned as is.
+    """
+    gap = 1 - sigmas
+    if gap[-1] == 0:
+        return sigmas
+    return 1 - gap * ((1 - terminal) / gap[-1])
