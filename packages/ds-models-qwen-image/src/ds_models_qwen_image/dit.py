@@ -52,6 +52,8 @@ __all__ = [
     "QwenImageBlock",
     "QwenImageDiT",
     "QwenImageDiTConfig",
+    "check_inputs",
+    "joint_attention_mask",
     "pack_latents",
     "rope_frequencies",
     "unpack_latents",
@@ -221,6 +223,17 @@ def rope_frequencies(
         angles = torch.cat([_axis_angles(positions[:, a], d) for a, d in enumerate(axes_dims)], dim=-1)
         out.append(torch.polar(torch.ones_like(angles), angles))
     return out[0], out[1]
+
+
+def joint_attention_mask(prompt_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
+    """The key mask ``(B, 1, 1, L + N)`` of the joint ``[text, image]`` attention: False at padded prompt tokens.
+
+    None when every prompt token is valid, so unmasked kernels (FlashAttention) can run; the result is the same.
+    """
+    if prompt_mask is None or bool(prompt_mask.all()):
+        return None
+    image_keys = prompt_mask.new_ones(prompt_mask.shape[0], image_tokens)
+    return torch.cat([prompt_mask, image_keys], dim=1)[:, None, None, :]
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -466,7 +479,16 @@ class QwenImageDiT(nn.Module):
             ``(B, N, patch_size**2 * out_channels)`` for all tokens in the computation dtype (that of ``latents``);
             the pipeline keeps the target's first tokens.
         """
-        target_len = self._check_inputs(latents, timestep, prompt_embeds, prompt_mask, image_shapes)
+        target_len = check_inputs(
+            "QwenImageDiT",
+            self.config.in_channels,
+            self.config.joint_attention_dim,
+            latents,
+            timestep,
+            prompt_embeds,
+            prompt_mask,
+            image_shapes,
+        )
         b, dtype = latents.shape[0], latents.dtype
         image = self.img_in(latents)
         if self.config.zero_cond_t:
@@ -476,10 +498,7 @@ class QwenImageDiT(nn.Module):
         image_freqs, text_freqs = rope_frequencies(
             image_shapes, text.shape[1], self.config.axes_dims_rope, latents.device
         )
-        mask = None
-        if prompt_mask is not None and not bool(prompt_mask.all()):
-            image_keys = torch.ones(b, image.shape[1], dtype=torch.bool, device=latents.device)
-            mask = torch.cat([prompt_mask.to(latents.device), image_keys], dim=1)[:, None, None, :]
+        mask = joint_attention_mask(prompt_mask, image.shape[1])
         split = target_len if self.config.zero_cond_t else None
 
         for index, block in enumerate(self.transformer_blocks):
@@ -504,46 +523,47 @@ class QwenImageDiT(nn.Module):
         length = residual.shape[1]
         return torch.cat([image[:, :length] + residual, image[:, length:]], dim=1)
 
-    def _check_inputs(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        prompt_mask: torch.Tensor | None,
-        image_shapes: Sequence[tuple[int, int, int]],
-    ) -> int:
-        """Shapes of the forward arguments, checked up front so a mistake names the argument; returns the target's
-        token count."""
-        c = self.config
-        if latents.ndim != 3 or latents.shape[2] != c.in_channels:
-            raise ValueError(
-                f"QwenImageDiT: latents must be packed tokens (B, N, {c.in_channels}), got {tuple(latents.shape)}; "
-                "use pack_latents"
-            )
-        b, n = latents.shape[:2]
-        if tuple(timestep.shape) != (b,):
-            raise ValueError(f"QwenImageDiT: timestep has shape {tuple(timestep.shape)}, expected ({b},)")
-        if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != b or prompt_embeds.shape[2] != c.joint_attention_dim:
-            raise ValueError(
-                f"QwenImageDiT: prompt_embeds has shape {tuple(prompt_embeds.shape)}, expected "
-                f"({b}, L, {c.joint_attention_dim})"
-            )
-        length = prompt_embeds.shape[1]
-        if prompt_mask is not None and (prompt_mask.dtype != torch.bool or tuple(prompt_mask.shape) != (b, length)):
-            raise ValueError(
-                f"QwenImageDiT: prompt_mask must be a bool tensor of shape ({b}, {length}), got "
-                f"{prompt_mask.dtype} {tuple(prompt_mask.shape)}"
-            )
-        shapes = [tuple(shape) for shape in image_shapes]
-        if not shapes or any(len(s) != 3 or any(not isinstance(v, int) or v <= 0 for v in s) for s in shapes):
-            raise ValueError(
-                f"QwenImageDiT: image_shapes={image_shapes!r} must be a non-empty list of (frames, h_tokens, "
-                "w_tokens) positive integers, the target first"
-            )
-        total = sum(f * h * w for f, h, w in shapes)
-        if total != n:
-            raise ValueError(
-                f"QwenImageDiT: image_shapes {shapes} give {total} tokens but latents have {n}; one entry per image "
-                "(the target, then each reference), in tokens (latent size / 2)"
-            )
-        return shapes[0][0] * shapes[0][1] * shapes[0][2]
+
+def check_inputs(
+    owner: str,
+    in_channels: int,
+    joint_attention_dim: int,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_mask: torch.Tensor | None,
+    image_shapes: Sequence[tuple[int, int, int]],
+) -> int:
+    """Shapes of the forward arguments of the DiT or the InstantX ControlNet, checked up front so a mistake names
+    the argument; returns the target's token count."""
+    if latents.ndim != 3 or latents.shape[2] != in_channels:
+        raise ValueError(
+            f"{owner}: latents must be packed tokens (B, N, {in_channels}), got {tuple(latents.shape)}; "
+            "use pack_latents"
+        )
+    b, n = latents.shape[:2]
+    if tuple(timestep.shape) != (b,):
+        raise ValueError(f"{owner}: timestep has shape {tuple(timestep.shape)}, expected ({b},)")
+    if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != b or prompt_embeds.shape[2] != joint_attention_dim:
+        raise ValueError(
+            f"{owner}: prompt_embeds has shape {tuple(prompt_embeds.shape)}, expected ({b}, L, {joint_attention_dim})"
+        )
+    length = prompt_embeds.shape[1]
+    if prompt_mask is not None and (prompt_mask.dtype != torch.bool or tuple(prompt_mask.shape) != (b, length)):
+        raise ValueError(
+            f"{owner}: prompt_mask must be a bool tensor of shape ({b}, {length}), got "
+            f"{prompt_mask.dtype} {tuple(prompt_mask.shape)}"
+        )
+    shapes = [tuple(shape) for shape in image_shapes]
+    if not shapes or any(len(s) != 3 or any(not isinstance(v, int) or v <= 0 for v in s) for s in shapes):
+        raise ValueError(
+            f"{owner}: image_shapes={image_shapes!r} must be a non-empty list of (frames, h_tokens, "
+            "w_tokens) positive integers, the target first"
+        )
+    total = sum(f * h * w for f, h, w in shapes)
+    if total != n:
+        raise ValueError(
+            f"{owner}: image_shapes {shapes} give {total} tokens but latents have {n}; one entry per image "
+            "(the target, then each reference), in tokens (latent size / 2)"
+        )
+    return shapes[0][0] * shapes[0][1] * shapes[0][2]
