@@ -7,9 +7,9 @@ adapter lives in its own module (``ds_train.flux``, ``ds_train.wan``) and is fou
 
 from ds_pipelines.lora_io import convert_lora_file, merge_lora_files, read_lora_layers, save_lora_file
 
-from .cache import build_cache, encode_sample, load_cached
+from .cache import build_cache, encode_sample, load_cached, stack_conditions
 from .config import TrainingConfig, TrainingResult
-from .data import BrokenRow, DatasetError, ImageDataset, bucket_size
+from .data import EXTRA_IMAGE_ROLES, BrokenRow, DatasetError, ExtraImages, ImageDataset, bucket_size
 from .family import (
     FamilyOption,
     TrainingAdapter,
@@ -25,9 +25,11 @@ from .memory import MemoryEstimate, estimate_training_memory
 from .parts import BatchPlan, enable_gradient_checkpointing, make_lr_scheduler, make_optimizer
 
 __all__ = [
+    "EXTRA_IMAGE_ROLES",
     "BatchPlan",
     "BrokenRow",
     "DatasetError",
+    "ExtraImages",
     "FamilyOption",
     "ImageDataset",
     "MemoryEstimate",
@@ -55,5 +57,6 @@ __all__ = [
     "read_lora_layers",
     "resolve_targets",
     "save_lora_file",
+    "stack_conditions",
     "train",
 ]

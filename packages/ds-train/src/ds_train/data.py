@@ -4,6 +4,11 @@ Video models (``num_frames`` set) also read video files, and treat images as one
 when the dataset is built (the file exists, the image or video opens, the caption is not empty), so
 a broken row is reported with its row number and file before any model is loaded, instead of failing hours into
 a run. Broken rows are fatal by default (one error lists them all) or dropped with a warning.
+
+Metadata tables may also carry extra images per sample, for models conditioned on more than a prompt (see
+``EXTRA_IMAGE_ROLES``): ``edit_image`` (one path; in JSON/JSONL also a list; more in columns ``edit_image_2``,
+``edit_image_3``, ...), ``control_image`` and ``inpaint_mask``. They are checked like the main image, loaded per
+sample into ``item["extras"]`` and handed to the family's training adapter, which encodes them into conditions.
 """
 
 from __future__ import annotations
@@ -12,15 +17,16 @@ import csv
 import json
 import math
 import os
+import re
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["BrokenRow", "DatasetError", "ImageDataset", "Sample", "bucket_size"]
+__all__ = ["EXTRA_IMAGE_ROLES", "BrokenRow", "DatasetError", "ExtraImages", "ImageDataset", "Sample", "bucket_size"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
@@ -28,15 +34,27 @@ FILE_COLUMNS = ("image", "video", "file_name", "file", "path")
 TEXT_COLUMNS = ("text", "prompt", "caption")
 METADATA_NAMES = ("metadata.jsonl", "metadata.json", "metadata.csv")
 TRIGGER = "[trigger]"
+# Extra images a metadata row may name, by role (the column name). How each is loaded:
+#   edit_image:    reference images of an edit model, in order; kept at their own size and aspect ratio, since the
+#                  family's pipeline resizes them its own way (several per row: a JSON list, or edit_image_2, ...)
+#   control_image: a control map (canny, depth, ...) or the picture to repaint; resized and cropped like the image
+#   inpaint_mask:  white = repaint; one channel in [0, 1], resized and cropped like the image
+EXTRA_IMAGE_ROLES = ("edit_image", "control_image", "inpaint_mask")
+_NUMBERED_EDIT = re.compile(r"^edit_image_(\d+)$")
+
+# One sample's extra images by role: (3, h, w) float32 in [-1, 1] (masks (1, H, W) in [0, 1]), no batch dimension.
+ExtraImages = Mapping[str, list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One usable row: the image file and its caption; ``origin`` says where it came from (for messages)."""
+    """One usable row: the image file and its caption; ``origin`` says where it came from (for messages).
+    ``extras`` maps an extra image role (``EXTRA_IMAGE_ROLES``) to its files, in order."""
 
     image: Path
     caption: str
     origin: str
+    extras: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,15 +106,28 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return data.view(image.height, image.width, 3).permute(2, 0, 1).float().div(127.5).sub(1)
 
 
+def _load_extra(role: str, path: Path, width: int, height: int) -> torch.Tensor:
+    """One extra image as the adapter receives it (see ``EXTRA_IMAGE_ROLES``)."""
+    with Image.open(path) as image:
+        if role == "inpaint_mask":
+            mask = _resize_crop(image.convert("L"), width, height)
+            data = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8)
+            return data.view(1, height, width).float().div(255)
+        if role == "edit_image":
+            return _to_tensor(image.convert("RGB"))
+        return _to_tensor(_resize_crop(image.convert("RGB"), width, height))
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images (and, for video models, clips) with captions, resized and centre-cropped to ``height x width``.
 
-    Items are dicts ``{"pixels": (3, H, W) float32 in [-1, 1], "prompt": str, "index": int}``; with ``num_frames``
-    set, ``pixels`` is ``(3, F, H, W)``: a video's first ``num_frames`` frames taken every ``frame_stride``-th
-    frame (a shorter clip keeps the longest count of the form ``1 + k * temporal_compression`` it holds, as Wan's
-    VAE needs), and an image is a clip of one frame. With ``buckets=True`` each file keeps its aspect ratio at
-    about ``height * width`` pixels (sides multiples of 16); use ``batches()`` to draw batches whose items share
-    a shape. ``trigger`` replaces ``[trigger]`` in captions (and is prepended when ``prepend_trigger``).
+    Items are dicts ``{"pixels": (3, H, W) float32 in [-1, 1], "prompt": str, "index": int, "extras": {role:
+    [tensor, ...]}}`` (``extras`` is empty unless the metadata names extra images: ``ExtraImages``); with
+    ``num_frames`` set, ``pixels`` is ``(3, F, H, W)``: a video's first ``num_frames`` frames taken every
+    ``frame_stride``-th frame (a shorter clip keeps the longest count of the form ``1 + k * temporal_compression``
+    it holds, as Wan's VAE needs), and an image is a clip of one frame. With ``buckets=True`` each file keeps its
+    aspect ratio at about ``height * width`` pixels (sides multiples of 16); use ``batches()`` to draw batches whose
+    items share a shape. ``trigger`` replaces ``[trigger]`` in captions (and is prepended when ``prepend_trigger``).
     ``repeats`` lists every row that many times.
     """
 
@@ -131,12 +162,16 @@ class ImageDataset(torch.utils.data.Dataset):
             if problem:
                 broken.append(BrokenRow(row.origin, str(row.image), problem))
                 continue
+            extra_problem = _check_extras(row)
+            if extra_problem is not None:
+                broken.append(extra_problem)
+                continue
             caption = row.caption
             if trigger is not None:
                 caption = caption.replace(TRIGGER, trigger)
                 if prepend_trigger and trigger not in caption:
                     caption = f"{trigger}, {caption}" if caption else trigger
-            samples.append(Sample(row.image, caption, row.origin))
+            samples.append(Sample(row.image, caption, row.origin, row.extras))
             sizes.append(bucket_size(*size, height * width) if buckets else (width, height))
             frames.append(count)
         if broken and not skip_broken:
@@ -147,6 +182,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if not samples:
             raise ValueError(f"{self.source}: no usable files (found {len(broken)} broken rows)")
         self.samples, self.sizes, self.frames, self.broken = samples, sizes, frames, broken
+        # The extra image roles the samples carry (a table column applies to every row, so all or none have one).
+        self.extra_roles = frozenset(role for sample in samples for role in sample.extras)
 
     def _check_video(self, path: Path, temporal_compression: int) -> tuple[tuple[int, int], int, str | None]:
         """(size, frames this clip gives, problem): the clip's frame count at the stride, cut to 1 + k * t."""
@@ -178,6 +215,10 @@ class ImageDataset(torch.utils.data.Dataset):
             )
             text += f" ({videos} videos, {len(self.samples) - videos} images"
             text += f"; {short} clips shorter than {self.num_frames} frames)" if short else ")"
+        for role in sorted(self.extra_roles, key=EXTRA_IMAGE_ROLES.index):
+            counts = sorted({len(sample.extras.get(role, ())) for sample in self.samples})
+            per_row = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+            text += f", {per_row} {role} per row"
         if self.repeats > 1:
             text += f" x {self.repeats} repeats"
         if self.buckets:
@@ -208,7 +249,10 @@ class ImageDataset(torch.utils.data.Dataset):
                 pixels = _to_tensor(_resize_crop(image.convert("RGB"), width, height))
             if self.num_frames is not None:
                 pixels = pixels[:, None]
-        return {"pixels": pixels, "prompt": sample.caption, "index": row}
+        extras = {
+            role: [_load_extra(role, path, width, height) for path in paths] for role, paths in sample.extras.items()
+        }
+        return {"pixels": pixels, "prompt": sample.caption, "index": row, "extras": extras}
 
     def shape_of(self, row: int) -> tuple[int, int, int]:
         """(width, height, frames) of a row's items: batches are drawn within one shape."""
@@ -234,11 +278,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack pixels, list prompts and indices."""
+    """Stack pixels; list prompts, indices and each item's extras (per sample: their sizes may differ)."""
     return {
         "pixels": torch.stack([item["pixels"] for item in items]),
         "prompt": [item["prompt"] for item in items],
         "index": torch.tensor([item["index"] for item in items]),
+        "extras": [item.get("extras", {}) for item in items],
     }
 
 
@@ -256,6 +301,16 @@ def _check_image(path: Path) -> tuple[tuple[int, int], str | None]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         return (0, 0), f"unreadable image: {error}"
     return size, None
+
+
+def _check_extras(row: Sample) -> BrokenRow | None:
+    """The first extra image of a row that is missing or does not open, as a broken row naming its column."""
+    for role, paths in row.extras.items():
+        for path in paths:
+            _, problem = _check_image(path)
+            if problem:
+                return BrokenRow(row.origin, str(path), f"{role}: {problem}")
+    return None
 
 
 def _read_rows(source: Path, require_captions: bool, videos: bool = False) -> tuple[list[Sample], list[BrokenRow]]:
@@ -318,6 +373,7 @@ def _read_table(path: Path, require_captions: bool) -> tuple[list[Sample], list[
         raise ValueError(f"{path}: no image column; name one of {', '.join(FILE_COLUMNS)} (found {sorted(columns)})")
     if text_column is None and require_captions:
         raise ValueError(f"{path}: no caption column; name one of {', '.join(TEXT_COLUMNS)} (found {sorted(columns)})")
+    extra_columns = _extra_columns(columns)
     rows, broken = [], []
     # Rows count from 1 after a CSV header (row 1 is the first data row); JSON(L) rows are list/line numbers.
     for number, record in enumerate(records, start=1):
@@ -334,5 +390,46 @@ def _read_table(path: Path, require_captions: bool) -> tuple[list[Sample], list[
         if not caption and require_captions:
             broken.append(BrokenRow(origin, str(image), f"empty caption ({text_column!r})"))
             continue
-        rows.append(Sample(image, caption, origin))
+        extras, problem = _row_extras(record, extra_columns, path.parent)
+        if problem:
+            broken.append(BrokenRow(origin, str(image), problem))
+            continue
+        rows.append(Sample(image, caption, origin, extras))
     return rows, broken
+
+
+def _extra_columns(columns: set[str]) -> dict[str, list[str]]:
+    """Role -> the table's columns for it, in order (``edit_image`` first, then ``edit_image_2``, ``_3``, ...)."""
+    found: dict[str, list[str]] = {}
+    numbered = sorted((int(m.group(1)), c) for c in columns if (m := _NUMBERED_EDIT.match(c)))
+    edit = (["edit_image"] if "edit_image" in columns else []) + [column for _, column in numbered]
+    if edit:
+        found["edit_image"] = edit
+    for role in EXTRA_IMAGE_ROLES[1:]:
+        if role in columns:
+            found[role] = [role]
+    return found
+
+
+def _row_extras(
+    record: dict, extra_columns: dict[str, list[str]], folder: Path
+) -> tuple[dict[str, tuple[Path, ...]], str | None]:
+    """A row's extra image paths by role, or the reason the row is broken. A role the table has a column for needs
+    a file in every row (``edit_image_2``, ... may be empty: rows differ in how many edit images they have)."""
+    extras: dict[str, tuple[Path, ...]] = {}
+    for role, columns in extra_columns.items():
+        files: list[str] = []
+        for column in columns:
+            value = record.get(column)
+            values = value if isinstance(value, list) else [value]
+            if role != "edit_image" and len(values) != 1:
+                return {}, f"{column!r} must be one file, got a list of {len(values)}"
+            for item in values:
+                if item is not None and not isinstance(item, str):
+                    return {}, f"{column!r} holds {item!r}, not a file path"
+                if item and item.strip():
+                    files.append(item.strip())
+        if not files:
+            return {}, f"empty {columns[0]!r}"
+        extras[role] = tuple(Path(f) if Path(f).is_absolute() else folder / f for f in files)
+    return extras, None

@@ -8,6 +8,12 @@ samples. Everything else (data, optimisation, checkpoints) is family-independent
 Each family names its adapter in its registry descriptor (``training_adapter="ds_train.flux:FluxTrainingAdapter"``);
 this module names no family. An adapter declares the settings it takes in ``options`` (name -> ``(type, help)``):
 ``TrainingConfig.family_options`` fills them, and the CLI makes one flag of each.
+
+A sample may carry extra images besides its target (``ds_train.data.EXTRA_IMAGE_ROLES``: edit images, a control
+image, an inpaint mask). An adapter that trains on them accepts their roles in ``check_extras`` and encodes them in
+``encode_extras`` (conditions from the images) and ``encode_sample_prompt`` (where the text encoder sees them, as an
+edit model's vision-language encoder does). The defaults refuse extras and encode the prompt alone, so families
+that train on prompt and image only need none of this.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,6 +54,9 @@ class TrainingAdapter:
     default_num_frames: ClassVar[int | None] = None  # None: the family trains on images
     temporal_compression: ClassVar[int] = 1  # clips hold 1 + k * this many frames
     encoders: ClassVar[tuple[str, ...]] = ()  # components only needed to encode or sample (freed when caching)
+    # Condition keys whose length differs between samples (dim 0 without the batch: prompt tokens); a batch pads
+    # them with zeros (False for masks) to its longest. The adapter's mask must hide the padding.
+    ragged_conditions: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, sigma_shift: float | None = None):
         self.sigma_shift = sigma_shift  # None: the family schedule's own shift
@@ -77,6 +86,44 @@ class TrainingAdapter:
 
     def encode_prompts(self, pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def check_extras(self, pipe: Any, roles: Collection[str]) -> None:
+        """Raise a ``ValueError`` when the dataset's extra image roles (``edit_image``, ``control_image``,
+        ``inpaint_mask``) are not what this model trains on, or one it needs is missing. The default takes none: a
+        column the model would ignore is an error rather than a silent no-op."""
+        if roles:
+            raise ValueError(
+                f"the dataset has {', '.join(sorted(roles))} columns, but {self.family or 'this family'} trains on a "
+                "prompt and an image only; remove those columns or train a model that takes them"
+            )
+
+    def encode_sample_prompt(
+        self, pipe: Any, prompt: str, extras: Mapping[str, list[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """One sample's prompt conditions (batch 1), given its extra images (``ds_train.data.ExtraImages``).
+
+        The default encodes the prompt alone. Edit models override it: their text encoder sees the edit images.
+        Caption dropout then replaces a sample's prompt conditions with this hook's result for ``""`` and the same
+        images (``prompt_depends_on``), so a dropped caption is the empty instruction on these images, as the
+        negative prompt is at sampling, not a prompt that has never seen them."""
+        return self.encode_prompts(pipe, [prompt])
+
+    def prompt_depends_on(self, extras: Mapping[str, list[torch.Tensor]]) -> bool:
+        """Whether ``encode_sample_prompt`` reads these extra images (then the empty prompt of caption dropout is
+        encoded per sample, with them; otherwise once for the dataset)."""
+        return False
+
+    def encode_extras(
+        self,
+        pipe: Any,
+        pixels: torch.Tensor,
+        latents: torch.Tensor,
+        extras: Mapping[str, list[torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        """Conditions from a sample's extra images (batch 1; ``pixels`` and ``latents`` are the target's, as in
+        ``encode_pixel_conditions``): an edit model's reference latents, a ControlNet's control latents and mask.
+        Caption dropout leaves them alone; caching stores them. Called only when the sample has extras."""
+        return {}
 
     def encode_images(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

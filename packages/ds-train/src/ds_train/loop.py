@@ -28,7 +28,14 @@ from torch import nn
 from ds_pipelines import write_bytes_atomic
 from ds_pipelines.base import unwrap_model
 
-from .cache import build_cache, encode_sample, load_cached
+from .cache import (
+    build_cache,
+    encode_sample,
+    encode_sample_empty_prompt,
+    load_cached,
+    load_cached_sample,
+    stack_conditions,
+)
 from .checkpoint import (
     finish_checkpoint,
     latest_checkpoint,
@@ -159,6 +166,7 @@ class _Run:
         self.say(self.dataset.describe())
         self.pipe = self.adapter.load_pipeline(config.model, self.device, self.weight_dtype, self._vram_configs())
         self.adapter.check(self.pipe, self.height, self.width, self.num_frames)
+        self.adapter.check_extras(self.pipe, self.dataset.extra_roles)
         self.model_name = str(config.model) if not isinstance(config.model, dict) else "custom"
         if config.cache:
             self._build_cache()
@@ -309,26 +317,36 @@ class _Run:
 
     def _encode(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """A batch's conditions and latents on the device; uncached batches are encoded sample by sample."""
-        if "latents" in batch:
-            conditions, latents = batch["conditions"], batch["latents"]
+        if "items" in batch:  # cached: (conditions, latents, the sample's own empty prompt or None)
+            conditions = [c for c, _, _ in batch["items"]]
+            latents = [latent for _, latent, _ in batch["items"]]
+            owns = [own for _, _, own in batch["items"]]
+
+            def own_empty(index: int) -> dict[str, torch.Tensor] | None:
+                return owns[index]
         else:
+            extras = batch.get("extras") or [{}] * len(batch["prompt"])
             encoded = [
-                encode_sample(self.adapter, self.pipe, p, t)
-                for p, t in zip(batch["pixels"], batch["prompt"], strict=True)
+                encode_sample(self.adapter, self.pipe, p, t, x)
+                for p, t, x in zip(batch["pixels"], batch["prompt"], extras, strict=True)
             ]
-            conditions = {k: torch.stack([c[k] for c, _ in encoded]) for k in encoded[0][0]}
-            latents = torch.stack([latent for _, latent in encoded])
+            conditions, latents = [c for c, _ in encoded], [latent for _, latent in encoded]
+
+            def own_empty(index: int) -> dict[str, torch.Tensor] | None:
+                return encode_sample_empty_prompt(self.adapter, self.pipe, extras[index])
+
         if self.config.caption_dropout:
-            empty = self._empty_conditions()
-            drop = torch.rand(latents.shape[0], generator=self.generator) < self.config.caption_dropout
-            conditions = {  # only the prompt's conditions: a first frame an I2V model starts from stays
-                k: torch.where(_expand(drop, v), empty[k].to(v.device, v.dtype)[None].expand_as(v), v)
-                if k in empty
-                else v
-                for k, v in conditions.items()
-            }
-        conditions = {k: v.to(self.device, self.weight_dtype) for k, v in conditions.items()}
-        return conditions, latents.to(self.device, self.weight_dtype)
+            drop = torch.rand(len(conditions), generator=self.generator) < self.config.caption_dropout
+            for index in torch.nonzero(drop).flatten().tolist():
+                # Only the prompt's conditions: a first frame or reference latents stay. A sample whose prompt
+                # encoding reads its extra images (an edit instruction) gets the empty prompt seen with them.
+                empty = own_empty(index) or self._empty_conditions()
+                conditions[index] = {
+                    k: empty[k].to(v.device, v.dtype) if k in empty else v for k, v in conditions[index].items()
+                }
+        stacked = stack_conditions(conditions, self.adapter.ragged_conditions)
+        stacked = {k: v.to(self.device, self.weight_dtype) for k, v in stacked.items()}
+        return stacked, torch.stack(latents).to(self.device, self.weight_dtype)
 
     def _empty_conditions(self) -> dict[str, torch.Tensor]:
         if not hasattr(self, "_empty"):
@@ -562,17 +580,13 @@ class _CachedSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return load_cached(self.folder / f"{index % self.count:06d}.safetensors")
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict | None]:
+        return load_cached_sample(self.folder / f"{index % self.count:06d}.safetensors")
 
 
 def _stack_cached(items: list) -> dict:
-    conditions = {k: torch.stack([c[k] for c, _ in items]) for k in items[0][0]}
-    return {"conditions": conditions, "latents": torch.stack([latent for _, latent in items])}
-
-
-def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+    """Cached samples stay a list: ``_encode`` drops captions per sample, then stacks (padding ragged prompts)."""
+    return {"items": list(items)}
 
 
 def _unmanaged(module: nn.Module) -> bool:
