@@ -15,10 +15,19 @@ from typing import Any
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
 from ds_loader import Detection, HeaderView, Mismatch, ModelSpec
+from ds_models_qwen_image.controlnet import CONTROLNET_SPECS
 from ds_models_qwen_image.converters import TEXT_ENCODER_FORMATS, text_encoder_recipe
+from ds_models_qwen_image.dit_specs import DIT_SPEC
 from ds_models_qwen_image.text_encoder import build_text_encoder_for_loader, qwen25vl_7b_config
 
-__all__ = ["SPECS", "TEXT_ENCODER_SPEC", "detect_text_encoder", "qwen25vl_config_from_shapes"]
+__all__ = [
+    "CONTROLNET_SPECS",
+    "DIT_SPEC",
+    "SPECS",
+    "TEXT_ENCODER_SPEC",
+    "detect_text_encoder",
+    "qwen25vl_config_from_shapes",
+]
 
 # (language model prefix, vision prefix) of each layout
 _LAYOUTS = {
@@ -118,4 +127,4 @@ TEXT_ENCODER_SPEC = ModelSpec(
     build=build_text_encoder_for_loader,
 )
 
-SPECS: tuple[ModelSpec, ...] = (TEXT_ENCODER_SPEC,)
+SPECS: tuple[ModelSpec, ...] = (DIT_SPEC, TEXT_ENCODER_SPEC, *CONTROLNET_SPECS)
