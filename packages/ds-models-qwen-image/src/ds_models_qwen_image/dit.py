@@ -27,7 +27,6 @@ t = 0 while the target's use t (the text stream and the output norm use t).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -44,6 +43,7 @@ from ds_models_core import (
     grid_positions,
     modulate,
     patchify,
+    timestep_embedding,
     unpatchify,
 )
 
@@ -182,16 +182,13 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: in
 
 # ---------------------------------------------------------------------------------------------- embeddings
 def timestep_sinusoid(timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(B,)`` sigma -> ``(B, 256)`` ``[cos, sin]`` of ``1000 * sigma * f_i``, ``f_i = 10000 ** (-i / 128)``.
+    """``(B,)`` sigma -> ``(B, 256)`` ``[cos, sin]`` of ``1000 * sigma * f_i``, ``f_i = 10000 ** (-i / 128)``, in
+    ``dtype``.
 
-    As diffusers computes it (so bf16 runs match it too): sigma is first cast to the computation dtype and the
-    frequency table rounded to it, the product taken in float32; the result is in ``dtype``.
+    As diffusers computes it, so bf16 runs match it too: sigma is first cast to the computation dtype (bf16 rounds
+    it), the sinusoid is taken in float32.
     """
-    t = timestep.to(dtype)
-    half = TIMESTEP_CHANNELS // 2
-    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = TIMESTEP_SCALE * (t.float()[:, None] * torch.exp(exponent).to(dtype).float()[None])
-    return torch.cat([args.cos(), args.sin()], dim=-1).to(dtype)
+    return timestep_embedding(timestep.to(dtype), TIMESTEP_CHANNELS, scale=TIMESTEP_SCALE).to(dtype)
 
 
 def _axis_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
