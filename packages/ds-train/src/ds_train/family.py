@@ -181,9 +181,11 @@ class TrainingAdapter:
         steps: int,
         num_frames: int | None = None,
         reference: torch.Tensor | None = None,
+        extras: Mapping[str, list[torch.Tensor]] | None = None,
     ) -> Any:
         """One sample during training; ``reference`` is a dataset item's pixels (image-to-video models start from
-        its first frame). The default is a plain text-to-image call, which image families need not override."""
+        its first frame), ``extras`` its extra images (passed only when it has some: edit models edit them). The
+        default is a plain text-to-image call, which image families need not override."""
         return pipe(prompt, seed=seed, height=height, width=width, num_inference_steps=steps)
 
     def save_sample(self, result: Any, stem: Path) -> Path:

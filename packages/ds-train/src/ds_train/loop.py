@@ -440,7 +440,10 @@ class _Run:
             folder = self.output / "samples"
             folder.mkdir(parents=True, exist_ok=True)
             self.model.eval()
-            reference = self.dataset[0]["pixels"]  # image-to-video models sample from its first frame
+            item = self.dataset[0]
+            reference = item["pixels"]  # image-to-video models sample from its first frame
+            # Edit and ControlNet models sample with its extra images (passed only when there are some).
+            extras = {"extras": item["extras"]} if item.get("extras") else {}
             for index, prompt in enumerate(self.config.sample_prompts):
                 result = self.adapter.sample(
                     self.pipe,
@@ -451,6 +454,7 @@ class _Run:
                     self.config.sample_inference_steps,
                     self.num_frames,
                     reference,
+                    **extras,
                 )
                 self.samples.append(self.adapter.save_sample(result, folder / f"step-{step:06d}-{index}"))
             self.model.train()
