@@ -8,6 +8,7 @@ take sigma in [0, 1] and multiply by 1000 inside; both return the velocity for e
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -163,6 +164,17 @@ def test_zero_cond_t_matches_diffusers(reference_2511, ours_2511, ours, shapes):
         assert (got[:, :target] - plain[:, :target]).abs().max() > 1e-2
     else:  # without references, zero_cond_t is the plain model
         assert_matches(got, plain)
+
+
+def test_bf16_time_embedding_equals_diffusers(reference, ours):
+    """diffusers casts sigma to the computation dtype before its float32 sinusoid; so do we, bit for bit."""
+    model, _ = reference
+    sigma = torch.tensor([0.3, 0.877, 1.0])
+    probe = torch.zeros(3, 1, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = copy.deepcopy(model.time_text_embed).to(torch.bfloat16)(sigma.to(torch.bfloat16), probe)
+        got = copy.deepcopy(ours.time_text_embed).to(torch.bfloat16)(sigma, torch.bfloat16)
+    assert torch.equal(got, expected)
 
 
 def test_no_mask_means_every_prompt_token_is_valid(ours):
