@@ -53,6 +53,13 @@ RELEASED_DIT_PARAMETERS: dict[str, float] = {
     "z-image-turbo": 6.15e9,
     "z-image": 6.15e9,
     "z-image-omni-base": 6.51e9,
+    # Qwen-Image: "20B" on the model cards; the layer shapes of transformer/ (60 dual-stream blocks of width 3072)
+    # give 20.43B, the same for every release (Edit-2511's zero_cond_t adds no weights).
+    "qwen-image": 20.43e9,
+    "qwen-image-2512": 20.43e9,
+    "qwen-image-edit": 20.43e9,
+    "qwen-image-edit-2509": 20.43e9,
+    "qwen-image-edit-2511": 20.43e9,
 }
 TOLERANCE = 0.01
 LORA_METADATA_KEYS = ("ss_network_module", "ss_base_model_version", "modelspec.architecture")
