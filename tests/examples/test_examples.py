@@ -19,6 +19,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FLUX_TINY = ["--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
 WAN_TINY = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "2", "--device", "cpu"]
 Z_IMAGE_TINY = ["--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
+QWEN_TINY = ["--height", "32", "--width", "32", "--steps", "2", "--device", "cpu"]
 
 
 def run_example(script: str, *args: object, monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -265,3 +266,84 @@ def test_z_image_controlnet_inpaint(z_image_files, z_image_controlnet_file, tmp_
     with Image.open(output) as image:
         assert image.size == (64, 64)
         assert json.loads(image.info["diffsynth"])["controlnet"][0]["type"] == "inpaint"
+
+
+def test_qwen_image_inference(qwen_image_files, tmp_path, monkeypatch):
+    output = tmp_path / "qwen.png"
+    arguments = [
+        "--model",
+        qwen_image_files.repo,
+        "--output",
+        output,
+        "--cfg-scale",
+        "2",
+        "--negative-prompt",
+        "blurry",
+    ]
+    run_example("qwen_image/inference.py", *arguments, *QWEN_TINY, monkeypatch=monkeypatch)
+    with Image.open(output) as image:
+        assert image.size == (32, 32)
+        parameters = json.loads(image.info["diffsynth"])
+    assert parameters["steps"] == 2 and parameters["cfg_scale"] == 2.0
+
+
+def test_qwen_image_edit_with_two_images(qwen_image_files, tmp_path, monkeypatch):
+    first, second, output = tmp_path / "person.png", tmp_path / "dress.png", tmp_path / "edited.png"
+    Image.linear_gradient("L").resize((48, 32)).convert("RGB").save(first)
+    Image.radial_gradient("L").resize((32, 32)).convert("RGB").save(second)
+    arguments = ["--model", qwen_image_files.edit_repo, "--edit-image", first, "--edit-image", second]
+    arguments += ["--output", output, "--cfg-scale", "1"]
+    run_example("qwen_image/edit.py", *arguments, *QWEN_TINY, monkeypatch=monkeypatch)
+    with Image.open(output) as image:
+        assert image.size == (32, 32)
+        assert json.loads(image.info["diffsynth"])["edit_images"] == 2
+
+
+def test_qwen_image_controlnet(qwen_image_files, qwen_image_controlnets, tmp_path, monkeypatch):
+    edges, output = tmp_path / "edges.png", tmp_path / "controlled.png"
+    Image.radial_gradient("L").resize((40, 24)).convert("RGB").save(edges)  # any size: resized to the output's
+    arguments = ["--model", qwen_image_files.repo, "--controlnet", qwen_image_controlnets.canny, "--output", output]
+    arguments += ["--control-image", edges, "--control-scale", "0.8", "--control-end", "0.5"]
+    run_example("qwen_image/controlnet.py", *arguments, *QWEN_TINY, monkeypatch=monkeypatch)
+    with Image.open(output) as image:
+        assert image.size == (32, 32)
+        controls = json.loads(image.info["diffsynth"])["controlnet"]
+    assert controls == [{"type": None, "scale": 0.8, "start": 0.0, "end": 0.5}]
+
+
+def test_qwen_image_controlnet_inpaint(qwen_image_files, qwen_image_controlnets, tmp_path, monkeypatch):
+    picture, mask, output = tmp_path / "photo.png", tmp_path / "mask.png", tmp_path / "inpainted.png"
+    Image.linear_gradient("L").resize((32, 32)).convert("RGB").save(picture)
+    white_left = Image.new("L", (32, 32), 0)
+    white_left.paste(255, (0, 0, 16, 32))  # repaint the left half
+    white_left.save(mask)
+    arguments = ["--model", qwen_image_files.repo, "--controlnet", qwen_image_controlnets.inpaint]
+    arguments += ["--output", output, "--control-image", picture, "--inpaint-mask", mask]
+    namespace = run_example("qwen_image/controlnet.py", *arguments, *QWEN_TINY, monkeypatch=monkeypatch)
+    assert namespace["control"].inpaint_mask is not None
+    with Image.open(output) as image:
+        assert json.loads(image.info["diffsynth"])["controlnet"][0]["type"] == "inpaint"
+
+
+def test_qwen_image_low_vram_inference_streams_the_dit(qwen_image_files, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "low.png"
+    arguments = ["--model", qwen_image_files.repo, "--output", output, "--vram-limit", "0", "--storage", "disk"]
+    namespace = run_example("qwen_image/low_vram_inference.py", *arguments, *QWEN_TINY, monkeypatch=monkeypatch)
+    report = namespace["report"]
+    assert report.resident_bytes < report.streamed_bytes  # vram_limit 0: the DiT's layers stream
+    assert {layer.storage for layer in report.layers} >= {"disk"}
+    assert output.is_file() and "GiB streamed" in capsys.readouterr().out
+
+
+def test_qwen_image_lora_training(qwen_image_files, dataset, tmp_path, monkeypatch):
+    from ds_pipelines import inspect_lora
+
+    output = tmp_path / "run"
+    arguments = ["--model", qwen_image_files.repo, "--data", dataset, "--output", output, "--trigger", "sks"]
+    arguments += ["--steps", "2", "--rank", "4", "--size", "32", "--mixed-precision", "no", "--device", "cpu"]
+    namespace = run_example("qwen_image/lora_training.py", *arguments, monkeypatch=monkeypatch)
+    assert namespace["result"].steps == 2
+    info = inspect_lora(output / "lora.safetensors")
+    assert info.format == "comfyui" and set(info.ranks) == {4}
+    with Image.open(output / "sample.png") as image:
+        assert image.size == (32, 32)
