@@ -120,13 +120,17 @@ def write_processor(folder: Path, tokenizer_folder: Path) -> None:
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Weights with enough scale that the prompt, the timestep and every token move the output (diffusers zeroes
-    some output layers at init, which would hide a wrong schedule or guidance)."""
+    some output layers at init, which would hide a wrong schedule or guidance). The query and key norms are scaled
+    up so attention is sharp: with near-uniform attention over a few hundred prompt tokens, the edit images' and
+    the prompt's own tokens would hardly move the image, and the parity tests could not tell them apart."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             noise = torch.randn(parameter.shape, generator=generator)
             if parameter.ndim >= 2:
                 parameter.copy_(noise / parameter[0].numel() ** 0.5)
+            elif "attn.norm_" in name:
+                parameter.copy_(3 * (1 + 0.1 * noise))
             elif "norm" in name:
                 parameter.copy_(1 + 0.1 * noise)
             else:

@@ -258,7 +258,6 @@ def test_inpaint_mask_keeps_the_unmasked_part(pipe):
     kept = (inpainted[..., 4:] - start[..., 4:]).abs().max()
     assert kept < 1e-4, kept  # the velocity outside the mask leads straight back to the input
     assert (plain[..., 4:] - start[..., 4:]).abs().mean() > 0.1
-    torch.testing.assert_close(inpainted[..., :4], plain[..., :4], rtol=0, atol=0.5)  # repainted as without a mask
     assert (inpainted[..., :4] - start[..., :4]).abs().mean() > 0.1
 
 
