@@ -16,7 +16,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ds_vram import read_safetensors_header
+from tests.examples.qwen_image_controlnets import write_tiny_blockwise
 from tests.pipelines.conftest import flux_files  # noqa: F401  (session fixtures, re-exported)
+from tests.pipelines.qwen_image_fixtures import qwen_image_files  # noqa: F401
 from tests.pipelines.wan_fixtures import wan_files  # noqa: F401
 from tests.pipelines.z_image_controlnet_fixtures import write_tiny_controlnet
 from tests.pipelines.z_image_fixtures import z_image_files  # noqa: F401
@@ -26,6 +28,7 @@ SHRINK = {
     "FluxImagePipeline": {"height": 64, "width": 64, "num_inference_steps": 2},
     "WanVideoPipeline": {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2},
     "ZImagePipeline": {"height": 64, "width": 64, "num_inference_steps": 2},
+    "QwenImagePipeline": {"height": 32, "width": 32, "num_inference_steps": 2},
 }
 # TrainingConfig fields each train() call is clamped to.
 TRAIN_SHRINK = {"steps": 2, "height": 32, "width": 32}
@@ -57,7 +60,7 @@ def _style_lora(dit_file: Path, path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def docs_models(flux_files, wan_files, z_image_files, tmp_path_factory) -> SimpleNamespace:  # noqa: F811
+def docs_models(flux_files, wan_files, z_image_files, qwen_image_files, tmp_path_factory) -> SimpleNamespace:  # noqa: F811
     """``DIFFSYNTH_MODEL_BASE_PATH`` contents: each preset's repository id, holding tiny files in its layout."""
     root = tmp_path_factory.mktemp("docs_models")
     base = root / "models"
@@ -67,6 +70,12 @@ def docs_models(flux_files, wan_files, z_image_files, tmp_path_factory) -> Simpl
         _link(bfl / "flux1-dev.safetensors", base / "black-forest-labs" / repository / file)
     for repository in ("Z-Image-Turbo", "Z-Image"):  # the tiny repository holds every file both presets read
         _link(z_image_files.repo, base / "Tongyi-MAI" / repository)
+    # Qwen-Image: the tiny repositories where each preset reads its files (the Edit models' processor/ and 2509's
+    # transformer/ from the tiny edit repository), and a tiny blockwise Canny ControlNet under its release's id.
+    _link(qwen_image_files.repo, base / "Qwen" / "Qwen-Image")
+    for repository in ("Qwen-Image-Edit", "Qwen-Image-Edit-2509"):
+        _link(qwen_image_files.edit_repo, base / "Qwen" / repository)
+    write_tiny_blockwise(base / "DiffSynth-Studio" / "Qwen-Image-Blockwise-ControlNet-Canny" / "model.safetensors")
     controlnet = write_tiny_controlnet(root)  # the tiny Union 2.1, where its ModelScope id and file name put it
     _link(controlnet, base / "PAI" / "Z-Image-Turbo-Fun-Controlnet-Union-2.1" / controlnet.name)
     lora = root / "style.safetensors"
