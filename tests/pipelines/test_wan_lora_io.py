@@ -213,10 +213,17 @@ def test_family_guess(models, tmp_path) -> None:
     for flux in (
         "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight",
         "lora_unet_single_blocks_1_linear1.lora_up.weight",
-        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+        "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight",
         "transformer.single_transformer_blocks.2.proj_out.lora_B.weight",
     ):
         assert guess_lora_family([flux]) == "flux.1", flux
+    # FLUX.1's double-block attention is spelled like Qwen-Image's: which family recognises more layers decides.
+    attention = [f"transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight" for i in range(60)]
+    assert guess_lora_family(attention) == "qwen-image"  # FLUX.1 has 19 double blocks
+    single = "transformer.single_transformer_blocks.0.proj_out.lora_A.weight"
+    assert guess_lora_family([*attention[:19], single]) == "flux.1"
+    with pytest.raises(ValueError, match="several families alike: "):
+        guess_lora_family(attention[:2])
     generator = torch.Generator().manual_seed(0)
     flux_layers = {"double_blocks.0.img_attn.qkv": (torch.randn(2, 8, generator=generator), torch.randn(24, 2), 2.0)}
     flux_file = save_lora_file(flux_layers, tmp_path / "f.safetensors", format="kohya")

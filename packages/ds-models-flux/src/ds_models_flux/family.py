@@ -115,7 +115,12 @@ FAMILY = FamilyDescriptor(
     build_tiny_components=build_tiny_components,
     token_layout=token_layout,
     lora=LoraNaming(
-        sign=re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|(?:single_)?transformer_blocks)[._]\d+(?:[._]|$)"),
+        # diffusers' double-block names (transformer_blocks.N.attn.to_q) are Qwen-Image's too; FLUX.1 has 19 of them,
+        # so only indices 0-18 count as FLUX.1 evidence (guess_lora_family weighs the rest).
+        sign=re.compile(
+            r"(?:^|[._])(?:(?:double|single)_blocks[._]\d+|single_transformer_blocks[._]\d+"
+            r"|transformer_blocks[._](?:1[0-8]|\d)[._](?:attn|norm1|norm1_context|ff|ff_context))(?:[._]|$)"
+        ),
         to_diffusers=diffusers_lora_names,
         from_diffusers=diffusers_lora_target,
         from_flat=bfl_layer_from_flat,

@@ -127,8 +127,9 @@ def guess_lora_family(source: str | os.PathLike | Mapping[str, object] | Iterabl
     """The id of the registered family a LoRA is for, from its layer names alone.
 
     ``source`` is a LoRA file, a state dict or ``parse_lora`` pieces (a mapping), or key names. Each family's
-    ``LoraNaming.sign`` recognises its block-level names in any convention. Raises ValueError when the names show
-    no family or several (pass ``family=`` then).
+    ``LoraNaming.sign`` recognises its block-level names in any convention. Families may share names (FLUX.1's and
+    Qwen-Image's diffusers attention layers are spelled alike), so the family that recognises the most of the
+    file's layers wins; a tie at the top, or no family, raises ValueError (pass ``family=`` then).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -141,10 +142,12 @@ def guess_lora_family(source: str | os.PathLike | Mapping[str, object] | Iterabl
     else:
         names = source
     modules = {_module_name(str(name)) for name in names}
-    found = [family.id for family in list_families() if any(family.lora.recognises(m) for m in modules)]
+    counts = {family.id: sum(family.lora.recognises(m) for m in modules) for family in list_families()}
+    best = max(counts.values(), default=0)
+    found = [family_id for family_id, count in counts.items() if count and count == best]
     if len(found) != 1:
         sample = ", ".join(sorted(modules)[:3]) or "no keys"
-        what = "several families: " + " and ".join(found) if found else "no known family"
+        what = "several families alike: " + " and ".join(found) if found else "no known family"
         raise ValueError(
             f"LoRA layer names show {what} (first: {sample}); pass family= (one of {', '.join(lora_families())})"
         )
