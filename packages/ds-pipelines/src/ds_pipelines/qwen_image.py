@@ -13,6 +13,7 @@ rescale; the official pipeline and diffusers have it, and so do we).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -174,20 +175,32 @@ class QwenImagePipeline(Pipeline):
         return components
 
     def configure(self, preset: Preset | None) -> None:
-        """The edit template: a preset says it by name (``qwen-image-edit`` is the original model), a diffusers
-        folder by its ``model_index.json``."""
+        """What the weights cannot show. The edit template: a preset names it (``edit_variant``), a diffusers
+        folder's ``model_index.json`` gives it by its pipeline class. Edit-2511's ``zero_cond_t``: the DiT spec reads
+        it from ``config.json`` or ComfyUI's marker; a preset's own DiT config says it when neither came with the
+        files (the preset downloads only the weights)."""
         if preset is not None:
             variant = getattr(preset, "edit_variant", None)
-            if variant is None and preset.name == "qwen-image-edit":
-                variant = "edit"
-            self.edit_variant = variant or "edit-plus"
+            self.edit_variant = variant if variant in EDIT_VARIANTS else "edit-plus"
+            self._set_zero_cond_t(getattr(preset, "dit_config", None))
             return
         if self.model_name is not None:
             try:
                 index = json.loads((Path(self.model_name) / "model_index.json").read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 return
             self.edit_variant = _EDIT_PIPELINES.get(index.get("_class_name"), self.edit_variant)
+
+    def _set_zero_cond_t(self, dit_config: str | None) -> None:
+        from ds_models_qwen_image.dit import QwenImageDiTConfig
+
+        dit = self._components.get("dit")
+        if dit_config is None or dit is None:
+            return
+        model = unwrap_model(dit)
+        wanted = QwenImageDiTConfig.preset(dit_config).zero_cond_t
+        if model.config.zero_cond_t != wanted:
+            model.config = dataclasses.replace(model.config, zero_cond_t=wanted)
 
     # ------------------------------------------------------------------ the DiT call
     @staticmethod
