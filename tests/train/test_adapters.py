@@ -44,8 +44,10 @@ def test_options_are_checked_by_name_and_type():
         get_adapter("wan", t5_sequence_length=256)
     with pytest.raises(ValueError, match=r"first_frame_conditioning='yes' \(wan\) must be bool"):
         get_adapter("wan", first_frame_conditioning="yes")
-    with pytest.raises(ValueError, match=r"TrainingConfig\.family='qwen-image': unknown model family .*installed: "):
-        adapter_for(TrainingConfig(family="qwen-image"))
+    with pytest.raises(
+        ValueError, match=r"TrainingConfig\.family='no-such-family': unknown model family .*installed: "
+    ):
+        adapter_for(TrainingConfig(family="no-such-family"))
     with pytest.raises(ValueError, match=r"'expert' is not one FLUX\.1 \('flux\.1'\) takes; it takes: guidance"):
         adapter_for(TrainingConfig(family="flux.1", family_options={"expert": "low_noise"}))
     with pytest.raises(ValueError, match=r"TrainingConfig\.family_options=.* must map option names"):
@@ -91,7 +93,7 @@ def test_the_cli_makes_a_flag_of_each_option(tmp_path):
         parser.parse_args([*base, "--expert", "middle"])
     from ds_cli.common import UsageError
 
-    with pytest.raises(UsageError, match=r"--family-option colour=red: .* takes: guidance, t5_sequence_length"):
+    with pytest.raises(UsageError, match=r"--family-option colour=red: .* takes: .*guidance, t5_sequence_length"):
         config_from_args(parser.parse_args([*base, "--family-option", "colour=red"]))
     with pytest.raises(UsageError, match=r"--family-option boundary: 'high' is not a float"):
         config_from_args(parser.parse_args([*base, "--family-option", "boundary=high"]))

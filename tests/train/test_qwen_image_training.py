@@ -277,3 +277,17 @@ def test_controlnet_training_changes_only_the_controlnet(
     with Image.open(control_data / "red_edges.png") as edges:
         expected = adapter.pipe.encode_control(ControlNetInput(edges.convert("RGB")), SIZE, SIZE)
     torch.testing.assert_close(conditions["control"], expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_random_inputs_run_through_the_prediction_step():
+    from ds_models_qwen_image.dit import QwenImageDiT, QwenImageDiTConfig
+    from ds_train import get_adapter
+
+    model = QwenImageDiT(QwenImageDiTConfig.tiny()).eval()
+    adapter = get_adapter("qwen-image")
+    assert isinstance(adapter, QwenImageTrainingAdapter)
+    latents, given = adapter.random_inputs(model, 2, (4, 6), None, 5, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 16, 4, 6) and set(given) == {"text", "text_mask"} and given["text"].shape[1] == 5
+    with torch.no_grad():
+        velocity = adapter.predict(model, latents, torch.tensor([0.3, 0.8]), given)
+    assert velocity.shape == latents.shape and torch.isfinite(velocity).all()
