@@ -19,6 +19,8 @@ from ds_models_core.schedules import FlowMatchTemplate, flow_match_sigmas, shift
 
 __all__ = ["FLOW_MATCH_TEMPLATES", "FlowMatchScheduler", "FlowMatchTemplate", "FlowUniPCScheduler", "shift_sigmas"]
 
+TRAINING_GRID = 1000  # timesteps of the grid reference trainers draw from (its smallest is the terminal value)
+
 
 class _InstalledTemplates(Mapping[str, FlowMatchTemplate]):
     """Every installed family's schedule templates by name, read from the family registry at each use."""
@@ -121,6 +123,8 @@ class FlowMatchScheduler:
         shift: replaces the template's (FLUX.1's resolution-dependent one, Wan's 5). sigma_range: ``(low, high)``
         keeps the shifted sigmas inside it by drawing from its preimage, with the same distribution shape there:
         a Wan2.2 A14B expert is trained only on the noise levels it samples (high noise: sigma >= boundary).
+        A template with ``shift_terminal`` (Qwen-Image) trains as its reference code does: draws at or above
+        1/1000, stretched so that a 1000-step grid's smallest sigma lands on the terminal value.
         """
         if sampling == "uniform":
             raw = 1 - torch.rand(batch_size, generator=generator)
@@ -137,7 +141,12 @@ class FlowMatchScheduler:
             if not start < end:
                 raise ValueError(f"sigma_range={sigma_range!r} holds no sigma this schedule trains at")
             return shift_sigmas(start + (end - start) * raw, shift)
-        return shift_sigmas(raw * top, shift)
+        terminal = self.template.shift_terminal
+        if terminal is None:
+            return shift_sigmas(raw * top, shift)
+        smallest = shift_sigmas(torch.tensor(top / TRAINING_GRID, dtype=torch.float64), shift)
+        shifted = shift_sigmas((raw.double() * top).clamp_min(top / TRAINING_GRID), shift)
+        return (1 - (1 - shifted) * ((1 - terminal) / (1 - smallest))).float()
 
     @staticmethod
     def training_weight(sigmas: torch.Tensor) -> torch.Tensor:

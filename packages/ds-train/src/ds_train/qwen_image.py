@@ -34,7 +34,6 @@ __all__ = ["TRAINING_MU", "QwenImageTrainingAdapter"]
 # the exponential shift falls back to mu = 0.8 (shift e^0.8 = 2.23) at every resolution, then the terminal stretch to
 # 0.02. Sampling uses mu from the image's token count instead (0.69 at 1024 x 1024).
 TRAINING_MU = 0.8
-TRAINING_GRID = 1000  # upstream draws one of 1000 timesteps; the smallest is the stretch's terminal value
 ROLES = ("edit_image", "control_image", "inpaint_mask")
 
 
@@ -263,19 +262,12 @@ class QwenImageTrainingAdapter(TrainingAdapter):
     def sample_sigmas(
         self, pipe: Any, latents: torch.Tensor, generator: torch.Generator, sampling: str
     ) -> torch.Tensor:
-        """Upstream's training sigmas: the draw (``sampling``) shifted by ``e^TRAINING_MU`` (or ``sigma_shift``),
-        then stretched so the smallest of a 1000-step grid lands on 0.02, as the "qwen-image" schedule's terminal."""
-        from ds_models_core.schedules import shift_sigmas
-
-        scheduler = self.scheduler(pipe)
-        raw = scheduler.training_sigmas(latents.shape[0], generator=generator, sampling=sampling, shift=1.0)
+        """Upstream's training sigmas: the draw (``sampling``) shifted by ``e^TRAINING_MU`` (or ``sigma_shift``)
+        whatever the resolution, then the "qwen-image" schedule's terminal stretch (``training_sigmas``)."""
         shift = self.sigma_shift if self.sigma_shift is not None else math.exp(TRAINING_MU)
-        shifted = shift_sigmas(raw.double().clamp_min(1 / TRAINING_GRID), shift)
-        terminal = scheduler.template.shift_terminal
-        if terminal is None:
-            return shifted.float()
-        smallest = shift_sigmas(torch.tensor(1 / TRAINING_GRID, dtype=torch.float64), shift)
-        return (1 - (1 - shifted) * (1 - terminal) / (1 - smallest)).float()
+        return self.scheduler(pipe).training_sigmas(
+            latents.shape[0], generator=generator, sampling=sampling, shift=shift
+        )
 
     def random_inputs(
         self,
