@@ -20,6 +20,10 @@ EXAMPLES = """examples:
   diffsynth generate --model wan2.1-t2v-1.3b --prompt "waves at night" -o waves.mp4 --frames 33 --storage disk
   diffsynth generate --model z-image-turbo --prompt "a dancer" --controlnet union-2.1-8steps.safetensors \\
       --control-image pose.png --control-type pose --control-scale 0.9
+  diffsynth generate --model qwen-image-edit-2509 --prompt "the cat from Picture 1 on the sofa of Picture 2" \\
+      --edit-image cat.png --edit-image sofa.png -o cat-on-sofa.png
+  diffsynth generate --model qwen-image --prompt "a lighthouse" --controlnet canny-blockwise.safetensors \\
+      --control-image edges.png
 
 Output files are never overwritten unless --overwrite: seven.png exists, so the next one is seven-1.png.
 Every file carries its parameters (PNG text chunks "parameters" and "diffsynth"; the mp4 "comment" tag).
@@ -81,7 +85,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tiled", action="store_true", help="tiled VAE encode and decode (less memory)")
     parser.add_argument(
-        "--controlnet", type=Path, help="a ControlNet file to load beside the model (Z-Image Fun Union)"
+        "--edit-image",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="an image to edit (repeatable: Qwen-Image-Edit-2509/2511 and Z-Image Omni-Base take several); without "
+        "--height/--width the output takes the last one's aspect ratio",
+    )
+    parser.add_argument(
+        "--controlnet",
+        type=Path,
+        help="a ControlNet file to load beside the model (Z-Image Fun Union, Qwen-Image blockwise or InstantX Union)",
     )
     parser.add_argument("--control-image", type=Path, help="the ControlNet's condition (a canny, depth or pose map)")
     parser.add_argument("--control-type", help="what the control image is: canny, depth, pose, hed, ...")
@@ -136,6 +151,9 @@ def _check_files(args: argparse.Namespace) -> None:
         path = getattr(args, name)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
+    for path in args.edit_image:
+        if not path.is_file():
+            raise FileNotFoundError(f"--edit-image {path}: no such file")
     for path, _ in args.lora:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--lora {path}: no such file")
@@ -182,6 +200,14 @@ def _inputs(args: argparse.Namespace, pipe: object) -> dict[str, object]:
         from ds_pipelines.media import load_video
 
         inputs["input_video"] = load_video(args.input_video)
+    if args.edit_image:
+        if "edit_image" not in accepted:
+            raise UsageError(f"--edit-image is not an option of {type(pipe).__name__}")
+        images = []
+        for path in args.edit_image:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        inputs["edit_image"] = images
     if args.control_image is not None:
         if "controlnet_inputs" not in accepted:
             raise UsageError(f"--control-image is not an option of {type(pipe).__name__}")
@@ -223,7 +249,11 @@ def run(args: argparse.Namespace) -> int:
         vram=_vram_config(args, dtype),
         progress_bar=not args.quiet,
     )
-    options = _options(args, pipe, preset_defaults(model))
+    defaults = preset_defaults(model)
+    if args.edit_image and args.height is None and args.width is None:
+        # The pipeline sizes the output from the last edit image; a preset's fixed size would override that.
+        defaults = {k: v for k, v in defaults.items() if k not in ("height", "width")}
+    options = _options(args, pipe, defaults)
     options.update(_inputs(args, pipe))
     for path, scale in args.lora:
         pipe.load_lora(path, scale=scale)
