@@ -306,3 +306,14 @@ def test_streamed_from_disk_under_a_vram_limit_gives_the_same_image(qwen_image_f
     assert all(next(iter(m.parameters())).device.type in ("meta", "cpu") for m in streamed.models.values())
     expected = run(pipe, cfg_scale=2.0, num_inference_steps=2)
     assert np.abs(run(streamed, cfg_scale=2.0, num_inference_steps=2) - expected).max() <= 1
+
+
+def test_fp8_storage_runs_with_no_model_change(qwen_image_files, pipe):  # noqa: F811
+    fp8 = VRAMConfig(storage="cpu", storage_dtype="fp8", computation_device="cpu", computation_dtype=torch.float32)
+    stored = QwenImagePipeline.from_pretrained(
+        qwen_image_files.repo, torch_dtype=torch.float32, device="cpu", progress_bar=False, vram={"dit": fp8}
+    )
+    image = run(stored, cfg_scale=2.0, num_inference_steps=2)
+    expected = run(pipe, cfg_scale=2.0, num_inference_steps=2)
+    difference = np.abs(image - expected).mean()
+    assert 0 < difference < 20, difference  # rounded weights: close to, not equal to, the float32 image
