@@ -333,6 +333,17 @@ class QwenImagePipeline(Pipeline):
             return decode_latents(self.vae, latents)
         return self.vae.decode(latents.unsqueeze(2), tiled=True, **_tiles(tile_size, tile_overlap)).squeeze(2)
 
+    def control_channels(self) -> int:
+        """Latent channels a control input gives the loaded ControlNet: 16, or 17 for the inpainting models."""
+        return unwrap_model(self._components["controlnet"]).config.conditioning_dim // 4
+
+    @property
+    def controlnet_is_blockwise(self) -> bool:
+        """Whether the loaded ControlNet is a blockwise one (its residual ignores the prompt; ds-train trains it)."""
+        from ds_models_qwen_image.controlnet import QwenImageBlockwiseControlNet
+
+        return isinstance(unwrap_model(self._components.get("controlnet")), QwenImageBlockwiseControlNet)
+
     @pipeline_step("vae")
     def encode_control(
         self, control: ControlNetInput, height: int, width: int, tiled: bool = False, **tiles: int
@@ -346,7 +357,7 @@ class QwenImagePipeline(Pipeline):
         """
         from ds_models_qwen_image.controlnet import inpaint_conditioning, mask_control_image
 
-        channels = unwrap_model(self._components["controlnet"]).config.conditioning_dim // 4
+        channels = self.control_channels()
         if control.inpaint_mask is None:
             if channels != LATENT_CHANNELS:
                 raise ValueError(

@@ -340,12 +340,9 @@ def _reference_index(key: str) -> int:
 def _control_channels(pipe: Any) -> int:
     """Latent channels the loaded blockwise ControlNet reads (16, or 17 for the Inpaint one with its mask); a
     ValueError for another kind (the InstantX Union runs its own blocks on the prompt: not trained here)."""
-    from ds_models_qwen_image.controlnet import QwenImageBlockwiseControlNet
-
-    controlnet = unwrap_model(pipe._components["controlnet"])
-    if not isinstance(controlnet, QwenImageBlockwiseControlNet):
+    if not pipe.controlnet_is_blockwise:
         raise ValueError(
             f"ds-train trains with Qwen-Image's blockwise ControlNets (Canny, Depth, Inpaint); the loaded ControlNet "
-            f"is a {type(controlnet).__name__}"
+            f"is a {type(unwrap_model(pipe._components['controlnet'])).__name__}"
         )
-    return controlnet.config.conditioning_dim // 4
+    return pipe.control_channels()
