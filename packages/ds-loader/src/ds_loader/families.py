@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "FamilyRegistry",
     "LoraNaming",
     "LoraTarget",
+    "LoraVocabulary",
     "Preset",
     "PresetFile",
     "TokenLayout",
@@ -160,6 +162,66 @@ class LoraNaming:
 
     def recognises(self, module_name: str) -> bool:
         return self.sign.search(module_name) is not None
+
+
+@dataclass(frozen=True)
+class LoraVocabulary:
+    """The LoRA-able Linear layers of a DiT whose module names are diffusers' (Z-Image, Qwen-Image): the naming maps
+    of such a family, made from its vocabulary.
+
+    A diffusers LoRA module name is then our layer name, so to and from diffusers are the identity over these layers.
+    kohya-style trainers write the same names with dots as underscores (``transformer_blocks_0_attn_to_q``);
+    underscores inside names (``to_add_out``, ``feed_forward``) make that ambiguous, so flat names are read against
+    the vocabulary. stacks: the repeated block lists (``transformer_blocks``); block_layers: Linear layers inside a
+    block, relative to it; top_layers: those outside the blocks. A ``-`` in a name (``all_x_embedder.2-1``) is kept
+    by kohya and written as ``_`` by some tools: both spellings are read.
+    """
+
+    stacks: tuple[str, ...]
+    block_layers: tuple[str, ...]
+    top_layers: tuple[str, ...] = ()
+
+    @cached_property
+    def _block(self) -> re.Pattern[str]:
+        stacks, layers = "|".join(map(re.escape, self.stacks)), "|".join(map(re.escape, self.block_layers))
+        return re.compile(rf"(?:{stacks})\.\d+\.(?:{layers})")
+
+    @cached_property
+    def _flat_block(self) -> re.Pattern[str]:
+        return re.compile(r"(?P<stack>" + "|".join(map(re.escape, self.stacks)) + r")_(?P<i>\d+)_(?P<layer>.+)")
+
+    @cached_property
+    def _flat_layers(self) -> tuple[dict[str, str], dict[str, str]]:
+        def spellings(layers: tuple[str, ...]) -> dict[str, str]:
+            flat = {layer.replace(".", "_"): layer for layer in layers}
+            return flat | {name.replace("-", "_"): layer for name, layer in flat.items()}
+
+        return spellings(self.block_layers), spellings(self.top_layers)
+
+    def is_layer(self, name: str) -> bool:
+        return name in self.top_layers or self._block.fullmatch(name) is not None
+
+    def to_diffusers(self, layer: str) -> list[str] | None:
+        """The diffusers module name a LoRA on our ``layer`` is saved under (the same name), or None."""
+        return [layer] if self.is_layer(layer) else None
+
+    def from_diffusers(self, module_name: str) -> LoraTarget | None:
+        """Our layer for a diffusers module name (without ``transformer.``), or None."""
+        return LoraTarget(module_name) if self.is_layer(module_name) else None
+
+    def from_flat(self, flat: str) -> str | None:
+        """Our layer for a kohya flat name without its ``lora_unet_`` prefix, or None."""
+        block_layers, top_layers = self._flat_layers
+        if flat in top_layers:
+            return top_layers[flat]
+        match = self._flat_block.fullmatch(flat)
+        if match is None or match["layer"] not in block_layers:
+            return None
+        return f"{match['stack']}.{match['i']}.{block_layers[match['layer']]}"
+
+    def naming(self, sign: re.Pattern[str], metadata: Mapping[str, str]) -> LoraNaming:
+        """The family's ``LoraNaming``: these maps, with its ``sign`` and trainer metadata."""
+        return LoraNaming(sign, self.to_diffusers, self.from_diffusers, self.from_flat, metadata)
 
 
 @dataclass(frozen=True)

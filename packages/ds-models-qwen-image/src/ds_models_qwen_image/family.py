@@ -6,15 +6,9 @@ from dataclasses import replace
 
 from torch import nn
 
-from ds_loader.families import FamilyDescriptor, LoraNaming, Preset, TokenLayout
+from ds_loader.families import FamilyDescriptor, Preset, TokenLayout
 from ds_models_qwen_image.dit import QwenImageDiT, QwenImageDiTConfig
-from ds_models_qwen_image.lora import (
-    LORA_METADATA,
-    LORA_SIGN,
-    diffusers_lora_names,
-    diffusers_lora_target,
-    layer_from_flat,
-)
+from ds_models_qwen_image.lora import NAMING
 from ds_models_qwen_image.presets import PRESETS, QwenImagePreset
 from ds_models_qwen_image.schedules import SCHEDULES
 from ds_models_qwen_image.text_encoder import (
@@ -93,13 +87,7 @@ FAMILY = FamilyDescriptor(
     build_components=build_components,
     build_tiny_components=build_tiny_components,
     token_layout=token_layout,
-    lora=LoraNaming(
-        sign=LORA_SIGN,
-        to_diffusers=diffusers_lora_names,
-        from_diffusers=diffusers_lora_target,
-        from_flat=layer_from_flat,
-        metadata=LORA_METADATA,
-    ),
+    lora=NAMING,
     schedules=SCHEDULES,
     default_size=(1328, 1328),
     description="Alibaba Qwen's 20B dual-stream MMDiT with a Qwen2.5-VL-7B text encoder and the Wan 2.1 VAE: "

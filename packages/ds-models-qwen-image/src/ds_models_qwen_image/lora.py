@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import re
 
-from ds_loader.families import LoraTarget
+from ds_loader.families import LoraVocabulary
 
 __all__ = [
     "BLOCK_LAYERS",
     "LORA_METADATA",
     "LORA_SIGN",
+    "NAMING",
     "TOP_LAYERS",
+    "VOCABULARY",
     "diffusers_lora_names",
     "diffusers_lora_target",
     "layer_from_flat",
@@ -63,32 +65,8 @@ LORA_METADATA = {
     "modelspec.implementation": "https://github.com/QwenLM/Qwen-Image",
 }
 
-_BLOCK = re.compile(r"transformer_blocks\.\d+\.(?:" + "|".join(map(re.escape, BLOCK_LAYERS)) + r")")
-_FLAT_BLOCK = re.compile(r"transformer_blocks_(?P<i>\d+)_(?P<layer>.+)")
-_FLAT_BLOCK_LAYERS = {layer.replace(".", "_"): layer for layer in BLOCK_LAYERS}
-_FLAT_TOP = {layer.replace(".", "_"): layer for layer in TOP_LAYERS}
-
-
-def _is_layer(name: str) -> bool:
-    return name in TOP_LAYERS or _BLOCK.fullmatch(name) is not None
-
-
-def diffusers_lora_names(layer: str) -> list[str] | None:
-    """The diffusers module name a LoRA on our ``layer`` is saved under (the same name), or None."""
-    return [layer] if _is_layer(layer) else None
-
-
-def diffusers_lora_target(module_name: str) -> LoraTarget | None:
-    """Our layer for a diffusers ``QwenImageTransformer2DModel`` module name (without ``transformer.``), or None."""
-    return LoraTarget(module_name) if _is_layer(module_name) else None
-
-
-def layer_from_flat(flat: str) -> str | None:
-    """Our layer for a kohya flat name without its ``lora_unet_`` prefix (``transformer_blocks_0_attn_to_q``), or
-    None."""
-    if flat in _FLAT_TOP:
-        return _FLAT_TOP[flat]
-    match = _FLAT_BLOCK.fullmatch(flat)
-    if match is None or match["layer"] not in _FLAT_BLOCK_LAYERS:
-        return None
-    return f"transformer_blocks.{match['i']}.{_FLAT_BLOCK_LAYERS[match['layer']]}"
+VOCABULARY = LoraVocabulary(("transformer_blocks",), BLOCK_LAYERS, TOP_LAYERS)
+NAMING = VOCABULARY.naming(LORA_SIGN, LORA_METADATA)
+diffusers_lora_names = VOCABULARY.to_diffusers
+diffusers_lora_target = VOCABULARY.from_diffusers
+layer_from_flat = VOCABULARY.from_flat

@@ -7,11 +7,11 @@ from dataclasses import replace
 from torch import nn
 from transformers import Qwen3Config, Siglip2VisionConfig
 
-from ds_loader.families import FamilyDescriptor, LoraNaming, Preset, TokenLayout
+from ds_loader.families import FamilyDescriptor, Preset, TokenLayout
 from ds_models_flux import FluxVAE, FluxVAEConfig
 from ds_models_z_image.dit import ZImageDiT, ZImageDiTConfig
 from ds_models_z_image.image_encoder import build_image_encoder, siglip2_428m_config
-from ds_models_z_image.lora import LORA_SIGN, diffusers_lora_names, diffusers_lora_target, layer_from_flat
+from ds_models_z_image.lora import NAMING
 from ds_models_z_image.presets import PRESETS, ZImagePreset
 from ds_models_z_image.schedules import SCHEDULES
 from ds_models_z_image.text_encoder import MAX_PROMPT_TOKENS, build_text_encoder, qwen3_4b_config
@@ -122,18 +122,7 @@ FAMILY = FamilyDescriptor(
     build_components=build_components,
     build_tiny_components=build_tiny_components,
     token_layout=token_layout,
-    lora=LoraNaming(
-        sign=LORA_SIGN,
-        to_diffusers=diffusers_lora_names,
-        from_diffusers=diffusers_lora_target,
-        from_flat=layer_from_flat,
-        metadata={
-            "ss_network_module": "networks.lora_zimage",
-            "ss_base_model_version": "zimage",
-            "modelspec.architecture": "z-image/lora",
-            "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image",
-        },
-    ),
+    lora=NAMING,
     schedules=SCHEDULES,
     default_size=(1024, 1024),
     description="Tongyi-MAI's 6B single-stream DiT with a Qwen3-4B text encoder and the FLUX.1 VAE: Turbo, base, "

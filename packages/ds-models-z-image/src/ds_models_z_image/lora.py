@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import re
 
-from ds_loader.families import LoraTarget
+from ds_loader.families import LoraVocabulary
 
 __all__ = [
     "BLOCK_LAYERS",
+    "LORA_METADATA",
     "LORA_SIGN",
+    "NAMING",
     "STACKS",
     "TOP_LAYERS",
+    "VOCABULARY",
     "diffusers_lora_names",
     "diffusers_lora_target",
     "layer_from_flat",
@@ -52,34 +55,14 @@ LORA_SIGN = re.compile(
     r"(?:^|[._])(?:layers[._]\d+[._](?:attention|feed_forward|adaLN_modulation)"
     r"|(?:noise|context|siglip)_refiner[._]\d+[._])"
 )
-_BLOCK = re.compile(r"(?:" + "|".join(STACKS) + r")\.\d+\.(?:" + "|".join(map(re.escape, BLOCK_LAYERS)) + r")")
-_FLAT_BLOCK = re.compile(r"(?P<stack>" + "|".join(STACKS) + r")_(?P<i>\d+)_(?P<layer>.+)")
-_FLAT_BLOCK_LAYERS = {layer.replace(".", "_"): layer for layer in BLOCK_LAYERS}
-# "2-1" is kept by kohya (it replaces dots only); some tools also write "2_1".
-_FLAT_TOP = {layer.replace(".", "_"): layer for layer in TOP_LAYERS} | {
-    layer.replace(".", "_").replace("2-1", "2_1"): layer for layer in TOP_LAYERS
+LORA_METADATA = {
+    "ss_network_module": "networks.lora_zimage",
+    "ss_base_model_version": "zimage",
+    "modelspec.architecture": "z-image/lora",
+    "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image",
 }
-
-
-def _is_layer(name: str) -> bool:
-    return name in TOP_LAYERS or _BLOCK.fullmatch(name) is not None
-
-
-def diffusers_lora_names(layer: str) -> list[str] | None:
-    """The diffusers module name a LoRA on our ``layer`` is saved under (the same name), or None."""
-    return [layer] if _is_layer(layer) else None
-
-
-def diffusers_lora_target(module_name: str) -> LoraTarget | None:
-    """Our layer for a diffusers ``ZImageTransformer2DModel`` module name (without ``transformer.``), or None."""
-    return LoraTarget(module_name) if _is_layer(module_name) else None
-
-
-def layer_from_flat(flat: str) -> str | None:
-    """Our layer for a kohya flat name without its ``lora_unet_`` prefix (``layers_0_attention_to_q``), or None."""
-    if flat in _FLAT_TOP:
-        return _FLAT_TOP[flat]
-    match = _FLAT_BLOCK.fullmatch(flat)
-    if match is None or match["layer"] not in _FLAT_BLOCK_LAYERS:
-        return None
-    return f"{match['stack']}.{match['i']}.{_FLAT_BLOCK_LAYERS[match['layer']]}"
+VOCABULARY = LoraVocabulary(STACKS, BLOCK_LAYERS, TOP_LAYERS)
+NAMING = VOCABULARY.naming(LORA_SIGN, LORA_METADATA)
+diffusers_lora_names = VOCABULARY.to_diffusers
+diffusers_lora_target = VOCABULARY.from_diffusers
+layer_from_flat = VOCABULARY.from_flat
