@@ -24,6 +24,9 @@ EXAMPLES = """examples:
       --edit-image cat.png --edit-image sofa.png -o cat-on-sofa.png
   diffsynth generate --model qwen-image --prompt "a lighthouse" --controlnet canny-blockwise.safetensors \\
       --control-image edges.png
+  diffsynth generate --model qwen-image --prompt "a red door" --input-image house.png --inpaint-mask door.png
+  diffsynth generate --model qwen-image --prompt "a red door" --controlnet inpaint-blockwise.safetensors \\
+      --control-image house.png --control-type inpaint --inpaint-mask door.png
 
 Output files are never overwritten unless --overwrite: seven.png exists, so the next one is seven-1.png.
 Every file carries its parameters (PNG text chunks "parameters" and "diffsynth"; the mp4 "comment" tag).
@@ -103,6 +106,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--control-scale", type=types.finite_float, default=1.0, help="ControlNet strength (default 1)"
     )
+    parser.add_argument(
+        "--inpaint-mask",
+        type=Path,
+        metavar="FILE",
+        help="an image, white = repaint: with --input-image only the masked part changes (pipelines that inpaint); "
+        "with --control-type inpaint it is the inpainting ControlNet's mask over --control-image",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -138,6 +148,13 @@ def _check(args: argparse.Namespace, kind: str) -> Path:
         raise UsageError("--strength needs --input-image or --input-video to start from")
     if args.control_image is None and (args.control_type is not None or args.control_scale != 1):
         raise UsageError("--control-type and --control-scale need --control-image")
+    if _control_inpaint(args) and args.inpaint_mask is None:
+        raise UsageError("--control-type inpaint needs --inpaint-mask (an image, white = repaint)")
+    if args.inpaint_mask is not None and args.input_image is None and not _control_inpaint(args):
+        raise UsageError(
+            "--inpaint-mask needs --input-image, the picture whose masked part is repainted (or --control-type "
+            "inpaint, for an inpainting ControlNet)"
+        )
     if kind == "image" and (args.frames is not None or args.fps is not None or args.input_video is not None):
         raise UsageError("--frames, --fps and --input-video are for video models; this model makes images")
     _check_files(args)
@@ -147,16 +164,45 @@ def _check(args: argparse.Namespace, kind: str) -> Path:
 
 
 def _check_files(args: argparse.Namespace) -> None:
-    for name in ("input_image", "input_video", "controlnet", "control_image"):
+    for name in ("input_image", "input_video", "controlnet", "control_image", "inpaint_mask"):
         path = getattr(args, name)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
+    if args.inpaint_mask is not None:
+        _open_image(args.inpaint_mask, "--inpaint-mask").close()
     for path in args.edit_image:
         if not path.is_file():
             raise FileNotFoundError(f"--edit-image {path}: no such file")
     for path, _ in args.lora:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--lora {path}: no such file")
+
+
+def _control_inpaint(args: argparse.Namespace) -> bool:
+    return args.control_type is not None and args.control_type.strip().lower() == "inpaint"
+
+
+def _open_image(path: Path, flag: str) -> object:
+    """``PIL.Image.open(path)``, or a usage error naming the option and the file when it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError):
+        raise UsageError(f"{flag} {path}: not an image (PIL cannot read it); give a PNG, JPEG or WebP file") from None
+
+
+def _check_mask_target(args: argparse.Namespace, pipeline_class: type) -> None:
+    """Before the model loads: where --inpaint-mask goes must be an option of the pipeline."""
+    if args.inpaint_mask is None:
+        return
+    accepted = inspect.signature(pipeline_class.__call__).parameters
+    if args.input_image is not None and "inpaint_mask" not in accepted:
+        raise UsageError(
+            f"--inpaint-mask: {pipeline_class.__name__} takes no inpaint mask with --input-image (it cannot inpaint)"
+        )
+    if _control_inpaint(args) and "controlnet_inputs" not in accepted:
+        raise UsageError(f"--control-type inpaint: {pipeline_class.__name__} takes no ControlNet inputs")
 
 
 def _options(args: argparse.Namespace, pipe: object, defaults: dict[str, object]) -> dict[str, object]:
@@ -184,6 +230,21 @@ def _options(args: argparse.Namespace, pipe: object, defaults: dict[str, object]
     return options
 
 
+def _mask(args: argparse.Namespace, pipe: object, accepted: object, inputs: dict[str, object]) -> object | None:
+    """The --inpaint-mask image (grayscale), None without one. With --input-image it is the pipeline's
+    ``inpaint_mask`` (only the masked part of the input changes), set in ``inputs``; with --control-type inpaint the
+    ControlNet input gets it too."""
+    if args.inpaint_mask is None:
+        return None
+    with _open_image(args.inpaint_mask, "--inpaint-mask") as image:
+        mask = image.convert("L")
+    if args.input_image is not None:
+        if "inpaint_mask" not in accepted:
+            raise UsageError(f"--inpaint-mask: {type(pipe).__name__} takes no inpaint mask with --input-image")
+        inputs["inpaint_mask"] = mask
+    return mask
+
+
 def _inputs(args: argparse.Namespace, pipe: object) -> dict[str, object]:
     from PIL import Image
 
@@ -194,6 +255,7 @@ def _inputs(args: argparse.Namespace, pipe: object) -> dict[str, object]:
             raise UsageError(f"--input-image is not an option of {type(pipe).__name__}")
         with Image.open(args.input_image) as image:
             inputs["input_image"] = image.convert("RGB")
+    mask = _mask(args, pipe, accepted, inputs)
     if args.input_video is not None:
         if "input_video" not in accepted:
             raise UsageError(f"--input-video is not an option of {type(pipe).__name__}")
@@ -215,8 +277,15 @@ def _inputs(args: argparse.Namespace, pipe: object) -> dict[str, object]:
 
         with Image.open(args.control_image) as image:
             control = image.convert("RGB")
+        # With --control-type inpaint the control image is the picture to repaint and the mask marks where; the
+        # pipeline refuses a ControlNet that has no mask input.
         inputs["controlnet_inputs"] = [
-            ControlNetInput(control, scale=args.control_scale, control_type=args.control_type)
+            ControlNetInput(
+                control,
+                scale=args.control_scale,
+                control_type=args.control_type,
+                inpaint_mask=mask if _control_inpaint(args) else None,
+            )
         ]
     return inputs
 
@@ -241,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if args.controlnet is not None and "controlnet" not in pipeline_class.component_names:
         raise UsageError(f"--controlnet: {pipeline_class.__name__} takes no ControlNet")
+    _check_mask_target(args, pipeline_class)
     pipe = pipeline_class.from_pretrained(
         model,
         model_configs={"controlnet": args.controlnet} if args.controlnet is not None else None,
