@@ -131,6 +131,11 @@ def test_inpaint_mask_usage_errors(qwen_image_files, capsys, tmp_path):  # noqa:
     code, _, err = run_main(capsys, *model, "--input-image", source, "--inpaint-mask", text)
     assert code == 2 and f"--inpaint-mask {text}: not an image" in err
 
+    truncated = tmp_path / "half-mask.png"
+    truncated.write_bytes(mask.read_bytes()[:80])
+    code, _, err = run_main(capsys, *model, "--input-image", source, "--inpaint-mask", truncated)
+    assert code == 2 and f"--inpaint-mask {truncated}: not an image" in err
+
     code, _, err = run_main(capsys, *model, "--inpaint-mask", mask)
     assert code == 2 and "--inpaint-mask needs --input-image" in err
 

@@ -183,12 +183,19 @@ def _control_inpaint(args: argparse.Namespace) -> bool:
 
 
 def _open_image(path: Path, flag: str) -> object:
-    """``PIL.Image.open(path)``, or a usage error naming the option and the file when it is not an image."""
+    """``PIL.Image.open(path)``, decoded, or a usage error naming the option and the file when it is not an image (or
+    a truncated one)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        return Image.open(path)
-    except (UnidentifiedImageError, OSError):
+        image = Image.open(path)
+        try:
+            image.load()
+        except BaseException:
+            image.close()
+            raise
+        return image
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise UsageError(f"{flag} {path}: not an image (PIL cannot read it); give a PNG, JPEG or WebP file") from None
 
 
