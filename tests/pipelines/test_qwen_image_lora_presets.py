@@ -147,3 +147,60 @@ def test_presets_set_defaults_edit_template_and_zero_cond_t(
         image = loaded(PROMPT, height=SIZE, width=SIZE, num_inference_steps=1)
     recorded = json.loads(image.info["diffsynth"])
     assert recorded["cfg_scale"] == 4.0 and recorded["schedule"] == "qwen-image"
+
+
+def _published_layouts(layers: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The key layouts Qwen-Image LoRAs are published in, besides those lora_io writes (diffusers' Qwen converter,
+    ``_convert_non_diffusers_qwen_lora_to_diffusers``, reads each): dotted names with kohya's down/up and an alpha
+    (lightx2v's Lightning files), ComfyUI's ``diffusion_model.`` with peft's A/B and an alpha, and peft's adapter
+    names (``.default.``) as a training script saves them."""
+    layouts: dict[str, dict[str, torch.Tensor]] = {"down-up": {}, "comfyui-a-b": {}, "peft-default": {}}
+    for name, (down, up, alpha) in layers.items():
+        rank = down.shape[0]
+        layouts["down-up"] |= {
+            f"{name}.lora_down.weight": down,
+            f"{name}.lora_up.weight": up,
+            f"{name}.alpha": torch.tensor(alpha),
+        }
+        layouts["comfyui-a-b"] |= {
+            f"diffusion_model.{name}.lora_A.weight": down,
+            f"diffusion_model.{name}.lora_B.weight": up,
+            f"diffusion_model.{name}.alpha": torch.tensor(alpha),
+        }
+        # No alpha: peft's scale comes from its adapter config; here alpha / rank is folded into B instead.
+        layouts["peft-default"] |= {
+            f"{name}.lora_A.default.weight": down,
+            f"{name}.lora_B.default.weight": up * (alpha / rank),
+        }
+    return layouts
+
+
+@pytest.mark.parametrize("layout", ["down-up", "comfyui-a-b", "peft-default"])
+def test_published_lora_layouts_load_as_in_diffusers(qwen_image_files, tmp_path, layout):  # noqa: F811
+    from safetensors.torch import save_file
+
+    pipe = new_pipe(qwen_image_files.repo)
+    noise = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(4))
+    before = generate(pipe, noise)
+    tensors = _published_layouts(lora_layers(pipe))[layout]
+    path = tmp_path / f"{layout}.safetensors"
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
+    pipe.load_lora(path)
+    ours = generate(pipe, noise)
+    assert np.abs(ours - before).mean() > 1  # the LoRA is applied
+
+    theirs = diffusers_pipeline(qwen_image_files, transformer=copy.deepcopy(qwen_image_files.transformer))
+    theirs.load_lora_weights(str(path), adapter_name="published")
+    with torch.no_grad():
+        images = theirs(
+            PROMPT,
+            negative_prompt="",
+            true_cfg_scale=2.0,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=3,
+            latents=pack_latents(noise.clone()),
+            output_type="pt",
+        ).images
+    expected = (images[0].permute(1, 2, 0) * 255).round().to(torch.int16).numpy()
+    assert np.abs(ours - expected).max() <= 1, (layout, np.abs(ours - expected).max())
