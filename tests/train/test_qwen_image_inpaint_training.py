@@ -168,3 +168,20 @@ def test_inpaint_controlnet_without_a_mask_column_is_refused(
     with pytest.raises(ValueError, match="takes 17 latent channels, so the dataset needs an inpaint_mask column"):
         train(_run(qwen_image_files.repo, unmasked, tmp_path / "refused"), adapter=adapter)
     assert not (tmp_path / "refused" / "controlnet.safetensors").exists()
+
+
+def test_controlnet_training_refuses_several_processes(monkeypatch):
+    """DDP never sees the ControlNet's forward (it runs inside the DiT's blocks), so it would not average its
+    gradients: a multi-process ControlNet run is refused before it starts instead of drifting apart."""
+
+    class Pipe:
+        def __init__(self):
+            self._components = {"controlnet": object()}
+
+    adapter = QwenImageTrainingAdapter(controlnet="unused.safetensors", train_controlnet=True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="train_controlnet runs in one process; this run has 2"):
+        adapter.check(Pipe(), 64, 64, None)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    adapter.check(Pipe(), 64, 64, None)

@@ -123,6 +123,14 @@ class QwenImageTrainingAdapter(TrainingAdapter):
                 "(a released blockwise ControlNet, or a new one saved with QwenImageBlockwiseControlNet(...)."
                 "zero_init_())"
             )
+        # The ControlNet runs inside the DiT's blocks (block_residual), never through DDP's forward, so DDP would
+        # not average its gradients and the processes' copies would drift apart silently.
+        processes = torch.distributed.get_world_size() if _distributed() else 1
+        if self.train_controlnet and processes > 1:
+            raise ValueError(
+                f"train_controlnet runs in one process; this run has {processes} "
+                "(launch it without --num_processes, or train a LoRA of the DiT under the frozen ControlNet)"
+            )
 
     def check_extras(self, pipe: Any, roles: Collection[str]) -> None:
         roles = set(roles)
@@ -327,6 +335,10 @@ def _prompt_conditions(embedding: Any) -> dict[str, torch.Tensor]:
     if mask is None:
         mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
     return {"text": text, "text_mask": mask}
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _reference_keys(conditions: Mapping[str, torch.Tensor]) -> list[str]:
