@@ -27,7 +27,15 @@ from ds_vram import VRAMConfig, enable_vram_management, get_vram_handle
 
 from .lora import lora_layers, parse_lora, read_lora
 
-__all__ = ["Pipeline", "PipelineStepError", "named_sources", "pipeline_step", "unwrap_model"]
+__all__ = [
+    "Pipeline",
+    "PipelineStepError",
+    "named_sources",
+    "pipeline_step",
+    "source_folder",
+    "subfolder_sources",
+    "unwrap_model",
+]
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -77,6 +85,21 @@ def named_sources(
             name = second[name]
         sources[name] = source
     return sources
+
+
+def subfolder_sources(folder: Path, subfolders: Mapping[str, str]) -> dict[str, Path]:
+    """The components a diffusers-style folder holds: ``subfolders`` maps a subfolder (``transformer``) to our
+    component name (``dit``); absent subfolders are left out."""
+    return {name: folder / sub for sub, name in subfolders.items() if (folder / sub).is_dir()}
+
+
+def source_folder(source: object) -> Path:
+    """The folder a tokenizer or processor source names (a path, or a ModelConfig, whose resolving may download)."""
+    from ds_loader import ModelConfig
+
+    paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
+    first = Path(paths[0])
+    return first if first.is_dir() else first.parent
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -27,7 +27,7 @@ from PIL import Image
 from ds_loader.families import Preset
 from ds_vram import VRAMConfig
 
-from .base import Pipeline, pipeline_step, unwrap_model
+from .base import Pipeline, pipeline_step, source_folder, subfolder_sources, unwrap_model
 from .controlnet import ControlNetInput, as_controlnet_inputs
 from .media import image_to_tensor, metadata_json, tensor_to_images
 from .schedulers import FlowMatchScheduler
@@ -128,14 +128,16 @@ class QwenImagePipeline(Pipeline):
     def folder_sources(cls, folder: Path) -> dict[str, object]:
         """Qwen's repositories are diffusers folders: ``transformer/``, ``text_encoder/``, ``vae/``, ``tokenizer/``,
         and ``processor/`` in the Edit ones."""
-        names = {
-            "transformer": "dit",
-            "text_encoder": "text_encoder",
-            "vae": "vae",
-            "tokenizer": "tokenizer",
-            "processor": "processor",
-        }
-        return {name: folder / sub for sub, name in names.items() if (folder / sub).is_dir()}
+        return subfolder_sources(
+            folder,
+            {
+                "transformer": "dit",
+                "text_encoder": "text_encoder",
+                "vae": "vae",
+                "tokenizer": "tokenizer",
+                "processor": "processor",
+            },
+        )
 
     @classmethod
     def tokenizer_name(cls, folder: Path) -> str | None:
@@ -169,9 +171,9 @@ class QwenImagePipeline(Pipeline):
         components: dict[str, object] = cls.load_models(
             sources, model_specs, required=cls.required_components, device=device, torch_dtype=torch_dtype, vram=vram
         )
-        components["tokenizer"] = AutoTokenizer.from_pretrained(_folder(sources["tokenizer"]))
+        components["tokenizer"] = AutoTokenizer.from_pretrained(source_folder(sources["tokenizer"]))
         if "processor" in sources:
-            components["processor"] = load_processor(_folder(sources["processor"]))
+            components["processor"] = load_processor(source_folder(sources["processor"]))
         return components
 
     def configure(self, preset: Preset | None) -> None:
@@ -695,12 +697,3 @@ def _tiles(tile_size: int, tile_overlap: int) -> dict[str, tuple[int, int]]:
         raise ValueError(f"tile_overlap={tile_overlap} must be in [0, tile_size={tile_size})")
     stride = tile_size - tile_overlap
     return {"tile_size": (tile_size, tile_size), "tile_stride": (stride, stride)}
-
-
-def _folder(source: object) -> Path:
-    """The folder a tokenizer or processor source names (resolving a ModelConfig, which may download)."""
-    from ds_loader import ModelConfig
-
-    paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
-    first = Path(paths[0])
-    return first if first.is_dir() else first.parent

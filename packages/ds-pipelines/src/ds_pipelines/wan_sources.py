@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .base import subfolder_sources
+
 __all__ = [
     "folder_sources",
-    "source_folder",
     "spec_for",
 ]
 
@@ -29,10 +30,7 @@ _DIFFUSERS_FOLDERS = {
 
 def folder_sources(folder: Path) -> dict[str, object]:
     """The components of a local folder laid out like a Wan-AI repository or a diffusers one."""
-    sources: dict[str, object] = {}
-    for sub, name in _DIFFUSERS_FOLDERS.items():
-        if (folder / sub).is_dir():
-            sources[name] = folder / sub
+    sources: dict[str, object] = dict(subfolder_sources(folder, _DIFFUSERS_FOLDERS))
     dits = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
     if dits:
         sources["dit"] = dits
@@ -60,11 +58,3 @@ def spec_for(component: str, source: object) -> str | None:
     paths = source.resolve() if isinstance(source, ModelConfig) else source
     names = {match.spec.name for match in detect(paths)} & {"wan.vae", "wan.vae22"}
     return names.pop() if len(names) == 1 else None
-
-
-def source_folder(source: object) -> Path:
-    from ds_loader import ModelConfig
-
-    paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
-    first = Path(paths[0])
-    return first if first.is_dir() else first.parent

@@ -22,10 +22,10 @@ from PIL import Image
 from ds_loader.families import Preset
 from ds_vram import VRAMConfig
 
-from .base import Pipeline, pipeline_step, unwrap_model
+from .base import Pipeline, pipeline_step, source_folder, unwrap_model
 from .media import VideoFrames, image_to_tensor, tensor_to_images
 from .schedulers import FlowMatchScheduler, FlowUniPCScheduler
-from .wan_sources import folder_sources, source_folder, spec_for
+from .wan_sources import folder_sources, spec_for
 
 __all__ = ["WanVideoPipeline", "check_video_size"]
 

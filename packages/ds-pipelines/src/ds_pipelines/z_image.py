@@ -24,7 +24,7 @@ from PIL import Image
 from ds_loader.families import Preset
 from ds_vram import VRAMConfig, get_vram_handle
 
-from .base import Pipeline, pipeline_step, unwrap_model
+from .base import Pipeline, pipeline_step, source_folder, subfolder_sources, unwrap_model
 from .controlnet import ControlNetInput, as_controlnet_inputs
 from .flux_image import check_size
 from .media import image_to_tensor, metadata_json, tensor_to_images
@@ -159,14 +159,16 @@ class ZImagePipeline(Pipeline):
     def folder_sources(cls, folder: Path) -> dict[str, object]:
         """Tongyi-MAI's repositories are diffusers folders: ``transformer/``, ``text_encoder/``, ``vae/``,
         ``tokenizer/``."""
-        names = {
-            "transformer": "dit",
-            "text_encoder": "text_encoder",
-            "vae": "vae",
-            "tokenizer": "tokenizer",
-            "siglip": "image_encoder",
-        }
-        return {name: folder / sub for sub, name in names.items() if (folder / sub).is_dir()}
+        return subfolder_sources(
+            folder,
+            {
+                "transformer": "dit",
+                "text_encoder": "text_encoder",
+                "vae": "vae",
+                "tokenizer": "tokenizer",
+                "siglip": "image_encoder",
+            },
+        )
 
     @classmethod
     def load_components(
@@ -192,7 +194,7 @@ class ZImagePipeline(Pipeline):
         components: dict[str, object] = cls.load_models(
             sources, specs, required=cls.required_components, device=device, torch_dtype=torch_dtype, vram=vram
         )
-        components["tokenizer"] = AutoTokenizer.from_pretrained(_folder(sources["tokenizer"]))
+        components["tokenizer"] = AutoTokenizer.from_pretrained(source_folder(sources["tokenizer"]))
         return components
 
     def configure(self, preset: Preset | None) -> None:
@@ -617,12 +619,3 @@ class ZImagePipeline(Pipeline):
                 "the z-image-omni-base preset or pass it in model_configs"
             )
         return edits
-
-
-def _folder(source: object) -> Path:
-    """The folder a tokenizer source names (resolving a ModelConfig, which may download)."""
-    from ds_loader import ModelConfig
-
-    paths = source.resolve() if isinstance(source, ModelConfig) else [Path(source)]
-    first = Path(paths[0])
-    return first if first.is_dir() else first.parent
