@@ -37,11 +37,8 @@ from ds_models_core import RMSNorm
 from ds_models_qwen_image.dit import (
     NORM_EPS,
     BlockResidual,
-    QwenImageBlock,
-    TimeTextEmbed,
+    QwenImageTrunk,
     check_inputs,
-    joint_attention_mask,
-    rope_frequencies,
 )
 from ds_models_qwen_image.dit_specs import rope_axes
 
@@ -329,7 +326,7 @@ def sample_residual(samples: Sequence[torch.Tensor], dit_layers: int) -> BlockRe
     return residual
 
 
-class QwenImageControlNetUnion(nn.Module):
+class QwenImageControlNetUnion(QwenImageTrunk):
     """The InstantX Qwen-Image ControlNet (Union, Inpainting), diffusers' ``QwenImageControlNetModel`` names.
 
     Use: ``dit(..., block_residual=controlnet.block_residual(dit.config.num_layers, latents, timestep,
@@ -345,17 +342,18 @@ class QwenImageControlNetUnion(nn.Module):
     )
 
     def __init__(self, config: QwenImageControlNetUnionConfig) -> None:
-        super().__init__()
-        self.config = config
-        dim = config.inner_dim
-        self.time_text_embed = TimeTextEmbed(dim)
-        self.txt_norm = RMSNorm(config.joint_attention_dim, eps=NORM_EPS)
-        self.img_in = nn.Linear(config.in_channels, dim)
-        self.txt_in = nn.Linear(config.joint_attention_dim, dim)
-        self.transformer_blocks = nn.ModuleList(
-            QwenImageBlock(dim, config.num_attention_heads, config.attention_head_dim)
-            for _ in range(config.num_layers)
+        c = config
+        super().__init__(
+            c.inner_dim,
+            c.in_channels,
+            c.joint_attention_dim,
+            c.num_layers,
+            c.num_attention_heads,
+            c.attention_head_dim,
+            c.axes_dims_rope,
         )
+        self.config = config
+        dim = c.inner_dim
         self.controlnet_blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(config.num_layers))
         self.controlnet_x_embedder = nn.Linear(config.conditioning_dim, dim)
 
@@ -391,12 +389,10 @@ class QwenImageControlNetUnion(nn.Module):
                 f"QwenImageControlNetUnion: conditioning has {conditioning.shape[1]} tokens, the target latents "
                 f"{latents.shape[1]}; the control image must be at the target's size"
             )
-        dtype = latents.dtype
-        image = self.img_in(latents) + self.controlnet_x_embedder(conditioning.to(dtype))
-        temb = self.time_text_embed(timestep, dtype)
-        text = self.txt_in(self.txt_norm(prompt_embeds.to(dtype)))
-        image_freqs, text_freqs = rope_frequencies(image_shapes, text.shape[1], c.axes_dims_rope, latents.device)
-        mask = joint_attention_mask(prompt_mask, image.shape[1])
+        image, text, temb, (image_freqs, text_freqs), mask = self.embed_inputs(
+            latents, timestep, prompt_embeds, prompt_mask, image_shapes
+        )
+        image = image + self.controlnet_x_embedder(conditioning.to(latents.dtype))
         samples = []
         for block, head in zip(self.transformer_blocks, self.controlnet_blocks, strict=True):
             image, text = block(image, text, temb, image_freqs, text_freqs, mask)

@@ -52,6 +52,7 @@ __all__ = [
     "QwenImageBlock",
     "QwenImageDiT",
     "QwenImageDiTConfig",
+    "QwenImageTrunk",
     "check_inputs",
     "joint_attention_mask",
     "pack_latents",
@@ -410,7 +411,53 @@ class NormOut(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- the model
-class QwenImageDiT(nn.Module):
+class QwenImageTrunk(nn.Module):
+    """The input embedders and dual-stream blocks the DiT and the InstantX ControlNet share, under the same names
+    (``time_text_embed``, ``txt_norm``, ``img_in``, ``txt_in``, ``transformer_blocks``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        joint_attention_dim: int,
+        num_layers: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        axes_dims_rope: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        self.axes_dims_rope = axes_dims_rope
+        self.time_text_embed = TimeTextEmbed(dim)
+        self.txt_norm = RMSNorm(joint_attention_dim, eps=NORM_EPS)
+        self.img_in = nn.Linear(in_channels, dim)
+        self.txt_in = nn.Linear(joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList(
+            QwenImageBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)
+        )
+
+    def embed_prompt(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """``(B, L, joint_attention_dim)`` -> ``(B, L, dim)``: ``txt_in(txt_norm(x))``."""
+        return self.txt_in(self.txt_norm(prompt_embeds))
+
+    def embed_inputs(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_mask: torch.Tensor | None,
+        image_shapes: Sequence[tuple[int, int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """The blocks' inputs in the dtype of ``latents``: image and text streams, the time embedding, the image
+        and text RoPE tables and the joint attention mask."""
+        dtype = latents.dtype
+        image = self.img_in(latents)
+        temb = self.time_text_embed(timestep, dtype)
+        text = self.embed_prompt(prompt_embeds.to(dtype))
+        freqs = rope_frequencies(image_shapes, text.shape[1], self.axes_dims_rope, latents.device)
+        return image, text, temb, freqs, joint_attention_mask(prompt_mask, image.shape[1])
+
+
+class QwenImageDiT(QwenImageTrunk):
     """The Qwen-Image DiT, parameter names as in Qwen's ``transformer/`` files (and diffusers).
 
     Build a released size without allocating memory with ``with torch.device("meta"): QwenImageDiT(config)`` and
@@ -429,24 +476,19 @@ class QwenImageDiT(nn.Module):
     )
 
     def __init__(self, config: QwenImageDiTConfig) -> None:
-        super().__init__()
-        self.config = config
-        dim = config.inner_dim
-        self.time_text_embed = TimeTextEmbed(dim)
-        self.txt_norm = RMSNorm(config.joint_attention_dim, eps=NORM_EPS)
-        self.img_in = nn.Linear(config.in_channels, dim)
-        self.txt_in = nn.Linear(config.joint_attention_dim, dim)
-        self.transformer_blocks = nn.ModuleList(
-            QwenImageBlock(dim, config.num_attention_heads, config.attention_head_dim)
-            for _ in range(config.num_layers)
+        c = config
+        super().__init__(
+            c.inner_dim,
+            c.in_channels,
+            c.joint_attention_dim,
+            c.num_layers,
+            c.num_attention_heads,
+            c.attention_head_dim,
+            c.axes_dims_rope,
         )
-        self.norm_out = NormOut(dim)
-        self.proj_out = nn.Linear(dim, config.patch_dim)
-
-    # ------------------------------------------------------------------ pieces (shared with the InstantX ControlNet)
-    def embed_prompt(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """``(B, L, joint_attention_dim)`` -> ``(B, L, dim)``: ``txt_in(txt_norm(x))``."""
-        return self.txt_in(self.txt_norm(prompt_embeds))
+        self.config = config
+        self.norm_out = NormOut(c.inner_dim)
+        self.proj_out = nn.Linear(c.inner_dim, config.patch_dim)
 
     def forward(
         self,
@@ -486,16 +528,12 @@ class QwenImageDiT(nn.Module):
             prompt_mask,
             image_shapes,
         )
-        b, dtype = latents.shape[0], latents.dtype
-        image = self.img_in(latents)
+        b = latents.shape[0]
         if self.config.zero_cond_t:
             timestep = torch.cat([timestep, torch.zeros_like(timestep)])
-        temb = self.time_text_embed(timestep, dtype)
-        text = self.embed_prompt(prompt_embeds.to(dtype))
-        image_freqs, text_freqs = rope_frequencies(
-            image_shapes, text.shape[1], self.config.axes_dims_rope, latents.device
+        image, text, temb, (image_freqs, text_freqs), mask = self.embed_inputs(
+            latents, timestep, prompt_embeds, prompt_mask, image_shapes
         )
-        mask = joint_attention_mask(prompt_mask, image.shape[1])
         split = target_len if self.config.zero_cond_t else None
 
         for index, block in enumerate(self.transformer_blocks):
